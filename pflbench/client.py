@@ -1,0 +1,204 @@
+"""The view a method gets of one client: its own model, state and training data, nothing else.
+
+The privacy boundary is structural: a :class:`Client` holds no reference to the federation, the
+engine or any other client, and it exposes only the train split of its own site. A client hook
+therefore has no path to another client's images or labels.
+"""
+
+from __future__ import annotations
+
+import copy
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pflbench.data import SiteData
+from pflbench.training import batch_stream, make_optimizer, segmentation_loss, train_epochs
+
+
+@dataclass(frozen=True)
+class LocalWork:
+    """The suite's local budget and training settings, identical for every method."""
+
+    epochs: int | None
+    steps: int | None
+    batch_size: int
+    optimizer: str
+    lr: float
+    weight_decay: float
+    momentum: float
+    augment: bool
+    shuffle: bool
+
+
+@dataclass
+class Budget:
+    """Samples processed per purpose ("local" is the suite's budget; the rest are extra passes)."""
+
+    samples: dict[str, int] = field(default_factory=dict)
+
+    def add(self, label: str, n: int) -> None:
+        self.samples[label] = self.samples.get(label, 0) + int(n)
+
+
+def _seed(*parts: Any) -> int:
+    seq = np.random.SeedSequence([zlib.crc32(str(p).encode()) for p in parts])
+    return int(seq.generate_state(1, dtype=np.uint64)[0] % (2**63))
+
+
+class Client:
+    """One client as a method sees it during a hook call."""
+
+    __slots__ = (
+        "id",
+        "model",
+        "state",
+        "round",
+        "_train",
+        "_work",
+        "_device",
+        "_seed",
+        "_calls",
+        "_budget",
+        "_template",
+        "_persist_optimizer",
+    )
+
+    def __init__(
+        self,
+        cid: str,
+        model: nn.Module,
+        state: dict[str, Any],
+        train: SiteData,
+        work: LocalWork,
+        *,
+        round: int,
+        seed: int,
+        device: torch.device,
+        budget: Budget,
+        persist_optimizer: bool = False,
+    ) -> None:
+        self.id = cid
+        self.model = model
+        self.state = state
+        self.round = round
+        self._train = train
+        self._work = work
+        self._device = device
+        self._seed = seed
+        self._calls = 0
+        self._budget = budget
+        self._template = model
+        self._persist_optimizer = persist_optimizer
+
+    # data -------------------------------------------------------------------------------
+    @property
+    def train_data(self) -> SiteData:
+        """This client's own training split (the only data a client hook can reach)."""
+        return self._train
+
+    @property
+    def num_train(self) -> int:
+        return len(self._train)
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def work(self) -> LocalWork:
+        return self._work
+
+    def generator(self, stream: str) -> torch.Generator:
+        """A torch generator for this client, round and call, from a named seed stream."""
+        self._calls += 1
+        g = torch.Generator()
+        g.manual_seed(_seed(self._seed, stream, self.id, self.round, self._calls))
+        return g
+
+    def batches(
+        self,
+        label: str = "local",
+        *,
+        epochs: int | None = None,
+        steps: int | None = None,
+        batch_size: int | None = None,
+        data: SiteData | None = None,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Mini-batches of the client's training data, counted in the budget under ``label``.
+
+        Without ``epochs``/``steps`` this is the suite's local budget.
+        """
+        if epochs is None and steps is None:
+            epochs, steps = self._work.epochs, self._work.steps
+        stream = batch_stream(
+            data if data is not None else self._train,
+            batch_size or self._work.batch_size,
+            epochs=epochs,
+            steps=steps,
+            order=self.generator("data-order"),
+            augment=self.generator("augment") if self._work.augment else None,
+            shuffle=self._work.shuffle,
+            device=self._device,
+        )
+        for x, y in stream:
+            self._budget.add(label, len(x))
+            yield x, y
+
+    # training ---------------------------------------------------------------------------
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return segmentation_loss(logits, labels)
+
+    def optimizer(self, params, key: str = "main") -> torch.optim.Optimizer:
+        """The suite's optimizer over ``params``; restores its state when the method persists it."""
+        w = self._work
+        opt = make_optimizer(params, w.optimizer, w.lr, w.weight_decay, w.momentum)
+        saved = self.state.get(f"_optimizer/{key}") if self._persist_optimizer else None
+        if saved is not None:
+            opt.load_state_dict(saved)
+        return opt
+
+    def keep_optimizer(self, opt: torch.optim.Optimizer, key: str = "main") -> None:
+        if self._persist_optimizer:
+            self.state[f"_optimizer/{key}"] = copy.deepcopy(opt.state_dict())
+
+    def fit(
+        self,
+        model: nn.Module | None = None,
+        *,
+        params=None,
+        epochs: int | None = None,
+        steps: int | None = None,
+        extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+        label: str = "local",
+        key: str = "main",
+    ) -> float:
+        """Train ``model`` (default: the client's model) with the suite's loss and optimizer.
+
+        ``params`` restricts the trainable parameters (the rest keep their values);
+        ``extra_loss(model)`` is added to every batch's loss (proximal terms); passes other than
+        the suite's budget should use their own ``label`` so they are reported as extra work.
+        """
+        model = model if model is not None else self.model
+        opt = self.optimizer(params if params is not None else model.parameters(), key)
+        mean_loss, _ = train_epochs(
+            model,
+            self.batches(label, epochs=epochs, steps=steps),
+            opt,
+            extra_loss=extra_loss,
+            where=f"client {self.id} round {self.round} ({label})",
+        )
+        self.keep_optimizer(opt, key)
+        return mean_loss
+
+    def new_model(self, state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """A fresh copy of the client's architecture, loaded with ``state`` (default: its model's)."""
+        m = copy.deepcopy(self._template)
+        if state is not None:
+            m.load_state_dict(state)
+        return m

@@ -1,0 +1,389 @@
+"""One federated run: the round loop, sampling, seeding, evaluation, selection, accounting.
+
+The engine owns everything except the algorithm, so every method is trained, evaluated and
+selected the same way. A method only sees :class:`~pflbench.client.Client` views in its client
+hooks and uploads in its server hooks.
+"""
+
+from __future__ import annotations
+
+import copy
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from pflbench import metrics
+from pflbench.client import Budget, Client, LocalWork, _seed
+from pflbench.data import FederatedData, SiteData
+from pflbench.federation import ClientSplits, Mode, build_clients
+from pflbench.messages import Message, payload_bytes
+from pflbench.method import Method
+from pflbench.partition import partition_sizes
+from pflbench.registry import get_method, get_model
+from pflbench.state import StateStore, make_store
+from pflbench.suite import MethodSpec, ModelSpec, Protocol
+from pflbench.training import Diverged
+
+EvalCallback = Callable[[int, float], None]
+RoundCallback = Callable[[int, int], None]
+
+
+@dataclass
+class RunOutput:
+    rounds: pd.DataFrame
+    comm: pd.DataFrame
+    cases: pd.DataFrame
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("protocol.device is 'cuda' but no CUDA device is available")
+    return torch.device(name)
+
+
+def output_channels(data: FederatedData) -> int:
+    """One logit for a single structure (sigmoid), one per class otherwise (softmax)."""
+    return 1 if data.num_classes == 2 else data.num_classes
+
+
+def build_model(spec: ModelSpec, data: FederatedData, init_seed: int) -> nn.Module:
+    cls = get_model(spec.name)
+    torch.manual_seed(init_seed)
+    return cls(data.in_channels, output_channels(data), **spec.options)
+
+
+def build_method(spec: MethodSpec) -> Method:
+    cls = get_method(spec.name)
+    return cls(**spec.params)
+
+
+def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, data: SiteData, device: torch.device, batch: int = 32
+) -> torch.Tensor:
+    """Class map for every image of ``data`` (model in eval mode, restored afterwards)."""
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(data), batch):
+        x = data.images[i : i + batch].to(device)
+        out.append(metrics.predict_labels(model(x)).cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+class Federation:
+    """A run in progress. ``run()`` returns the tidy tables; nothing here writes files."""
+
+    def __init__(
+        self,
+        data: FederatedData,
+        splits: dict[str, dict[str, list[str]]],
+        method: Method,
+        model_spec: ModelSpec,
+        protocol: Protocol,
+        seed: int,
+        mode: Mode = "final",
+        on_eval: EvalCallback | None = None,
+        on_round: RoundCallback | None = None,
+        store: StateStore | None = None,
+    ) -> None:
+        self.data = data
+        self.protocol = protocol
+        self.method = method
+        self.mode = mode
+        self.seed = seed
+        self.on_eval = on_eval
+        self.on_round = on_round
+        self.device = resolve_device(protocol.device)
+        self.clients: list[ClientSplits] = build_clients(data, splits, mode)
+        self.ids = [c.name for c in self.clients]
+        self.by_id = {c.name: c for c in self.clients}
+        self.model = build_model(model_spec, data, _seed(seed, "init")).to(self.device)
+        self.client_seed = _seed(seed, "client")
+        self.sampling = np.random.default_rng(_seed(seed, "sampling"))
+        self.store = store or make_store(protocol.store)
+        self.budget = Budget()
+        opt = protocol.optimizer
+        self.work = LocalWork(
+            epochs=protocol.local_epochs,
+            steps=protocol.local_steps,
+            batch_size=protocol.batch_size,
+            optimizer=opt.name,
+            lr=opt.lr,
+            weight_decay=opt.weight_decay,
+            momentum=opt.momentum,
+            augment=protocol.augment,
+            shuffle=protocol.shuffle,
+        )
+        self.comm_rows: list[dict[str, Any]] = []
+        self.round_rows: list[dict[str, Any]] = []
+        self.best: dict[str, tuple[float, int]] = {}
+        self.timings = {"setup_s": 0.0, "train_s": 0.0, "aggregate_s": 0.0, "eval_s": 0.0}
+        self.status = "ok"
+        self.error = ""
+        self.rounds_done = 0
+
+    # client records --------------------------------------------------------------------------
+    def _open(self, cid: str, round: int) -> tuple[Client, dict[str, Any]]:
+        record = self.store.get(cid)
+        self.model.load_state_dict(record["model"])
+        client = Client(
+            cid,
+            self.model,
+            record["state"],
+            self.by_id[cid].train,
+            self.work,
+            round=round,
+            seed=self.client_seed,
+            device=self.device,
+            budget=self.budget,
+            persist_optimizer=self.method.optimizer_state == "persist",
+        )
+        return client, record
+
+    def _close(self, cid: str, client: Client) -> None:
+        self.store.put(cid, {"model": _state_copy(self.model), "state": client.state})
+
+    def _comm(
+        self, round: int, cid: str, up: int = 0, down: int = 0, sampled: bool = False
+    ) -> None:
+        self.comm_rows.append(
+            {"round": round, "client": cid, "bytes_up": up, "bytes_down": down, "sampled": sampled}
+        )
+
+    # phases -------------------------------------------------------------------------------------
+    def _setup(self) -> None:
+        init = _state_copy(self.model)
+        for cid in self.ids:
+            self.store.put(cid, {"model": init, "state": {}})
+        payloads: dict[str, Any] = {}
+        for cid in self.ids:
+            client, _ = self._open(cid, 0)
+            payload = self.method.fresh().setup(client)
+            self._close(cid, client)
+            if payload is not None:
+                payloads[cid] = payload
+                self._comm(0, cid, up=payload_bytes(payload))
+        messages = self.method.setup_server(payloads) if payloads else {}
+        for cid, msg in messages.items():
+            client, _ = self._open(cid, 0)
+            self.method.fresh().receive_setup(client, msg)
+            self._close(cid, client)
+            self._comm(0, cid, down=payload_bytes(msg))
+
+    def _sample(self) -> list[str]:
+        k = len(self.ids)
+        n = max(1, int(round(self.protocol.client_fraction * k)))
+        if n >= k:
+            return list(self.ids)
+        chosen = sorted(self.sampling.choice(k, size=n, replace=False).tolist())
+        return [self.ids[i] for i in chosen]
+
+    def _round(self, r: int) -> None:
+        t0 = time.perf_counter()
+        uploads = {}
+        for cid in self._sample():
+            client, _ = self._open(cid, r)
+            m = self.method.fresh()
+            m.local_update(client)
+            up = m.upload(client) if self.method.communicates else None
+            self._close(cid, client)
+            if up is not None:
+                uploads[cid] = up
+            self._comm(r, cid, up=payload_bytes(up), sampled=True)
+        t1 = time.perf_counter()
+        self.timings["train_s"] += t1 - t0
+        if not uploads:
+            return
+        messages = self.method.aggregate(uploads, r)
+        targets = {cid: messages for cid in self.ids} if isinstance(messages, Message) else messages
+        for cid, msg in targets.items():
+            client, _ = self._open(cid, r)
+            self.method.fresh().receive(client, msg)
+            self._close(cid, client)
+            self._comm(r, cid, down=payload_bytes(msg))
+        self.timings["aggregate_s"] += time.perf_counter() - t1
+
+    def _eval_model(self, cid: str, r: int) -> nn.Module:
+        client, _ = self._open(cid, r)
+        return self.method.fresh().eval_model(client)
+
+    def _score(self, model: nn.Module, data: SiteData, surface: bool) -> pd.DataFrame:
+        pred = predict(model, data, self.device)
+        return metrics.evaluate_cases(
+            pred,
+            data.labels,
+            data.case_ids,
+            data.slice_index,
+            self.data.structures,
+            spacing=data.spacing,
+            case_level=self.data.case_level,
+            surface=surface,
+        )
+
+    def _evaluate(self, r: int) -> float:
+        t0 = time.perf_counter()
+        half = self.protocol.rounds // 2
+        selectable = {
+            "best_after_half": r > half or self.protocol.rounds == 1,
+            "best": True,
+            "last": False,
+        }[self.protocol.selection]
+        client_scores = []
+        for cid in self.ids:
+            model = self._eval_model(cid, r)
+            splits = [("val", self.by_id[cid].val)]
+            if self.mode == "final":
+                splits.append(("test", self.by_id[cid].test))
+            val_dice = float("nan")
+            for split, data in splits:
+                cases = self._score(model, data, surface=False)
+                per_structure = cases.groupby("structure")[["dice", "iou"]].mean()
+                for metric in ("dice", "iou"):
+                    for structure, value in per_structure[metric].items():
+                        self._round_row(r, cid, split, structure, metric, value)
+                    mean = float(per_structure[metric].mean())
+                    self._round_row(r, cid, split, "mean", metric, mean)
+                    if split == "val" and metric == "dice":
+                        val_dice = mean
+            client_scores.append(val_dice)
+            if selectable and (cid not in self.best or val_dice > self.best[cid][0]):
+                self.best[cid] = (val_dice, r)
+                self.store.put(f"{cid}/snapshot", {"module": copy.deepcopy(model)})
+        self.timings["eval_s"] += time.perf_counter() - t0
+        return float(np.nanmean(client_scores)) if client_scores else float("nan")
+
+    def _round_row(
+        self, r: int, cid: str, split: str, structure: str, metric: str, value: float
+    ) -> None:
+        self.round_rows.append(
+            {
+                "round": r,
+                "client": cid,
+                "split": split,
+                "structure": structure,
+                "metric": metric,
+                "value": float(value),
+            }
+        )
+
+    def _final_cases(self) -> pd.DataFrame:
+        """Full per-case metrics (surface distances too) at the selected and the last round."""
+        t0 = time.perf_counter()
+        splits = ["val"] + (["test"] if self.mode == "final" else [])
+        frames = []
+        last = self.rounds_done
+        for cid in self.ids:
+            chosen: list[tuple[str, int, nn.Module]] = [("last", last, self._eval_model(cid, last))]
+            chosen[0] = ("last", last, copy.deepcopy(chosen[0][2]))
+            if cid in self.best:
+                snap = self.store.get(f"{cid}/snapshot")["module"]
+                chosen.append(("best", self.best[cid][1], snap))
+            else:
+                chosen.append(("best", last, chosen[0][2]))
+            for selection, r, model in chosen:
+                for split in splits:
+                    data = getattr(self.by_id[cid], split)
+                    df = self._score(model, data, surface=self.protocol.surface_metrics)
+                    df.insert(0, "split", split)
+                    df.insert(0, "client", cid)
+                    df.insert(0, "round", r)
+                    df.insert(0, "selection", selection)
+                    frames.append(df)
+        self.timings["eval_s"] += time.perf_counter() - t0
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def run(self) -> RunOutput:
+        start = time.perf_counter()
+        threads = self.protocol.threads
+        if threads is not None:
+            torch.set_num_threads(threads)
+        try:
+            t0 = time.perf_counter()
+            self._setup()
+            self.timings["setup_s"] = time.perf_counter() - t0
+            T = self.protocol.rounds
+            for r in range(1, T + 1):
+                try:
+                    self._round(r)
+                except Diverged as exc:
+                    self.status, self.error = "diverged", str(exc)
+                    break
+                self.rounds_done = r
+                if r % self.protocol.eval_every == 0 or r == T:
+                    score = self._evaluate(r)
+                    if self.on_eval is not None:
+                        self.on_eval(r, score)
+                if self.on_round is not None:
+                    self.on_round(r, T)
+            if self.rounds_done == 0:
+                cases = pd.DataFrame(
+                    columns=[
+                        "selection",
+                        "round",
+                        "client",
+                        "split",
+                        "case_id",
+                        "structure",
+                        "dice",
+                        "iou",
+                        "hd95",
+                        "assd",
+                    ]
+                )
+            else:
+                if self.status == "diverged" and not any(
+                    row["round"] == self.rounds_done for row in self.round_rows
+                ):
+                    self._evaluate(self.rounds_done)
+                cases = self._final_cases()
+        finally:
+            self.store.close()
+        self.timings["total_s"] = time.perf_counter() - start
+        probe = self.model
+        info = {
+            "status": self.status,
+            "error": self.error,
+            "rounds_done": self.rounds_done,
+            "timings": self.timings,
+            "threads": torch.get_num_threads(),
+            "device": str(self.device),
+            "budget": dict(self.budget.samples),
+            "partition_sizes": partition_sizes(probe, self.method.partition(probe)),
+            "selected_rounds": {cid: r for cid, (_, r) in self.best.items()},
+            "peak_memory_mb": peak_memory_mb(self.device),
+        }
+        comm = pd.DataFrame(
+            self.comm_rows, columns=["round", "client", "bytes_up", "bytes_down", "sampled"]
+        )
+        info["bytes_up"] = int(comm["bytes_up"].sum())
+        info["bytes_down"] = int(comm["bytes_down"].sum())
+        rounds = pd.DataFrame(
+            self.round_rows, columns=["round", "client", "split", "structure", "metric", "value"]
+        )
+        return RunOutput(rounds=rounds, comm=comm, cases=cases, info=info)
+
+
+def peak_memory_mb(device: torch.device | None = None) -> float:
+    """Peak resident memory of this process (and of the GPU when one is used), in MiB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    mb = rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+    if device is not None and device.type == "cuda":
+        mb += torch.cuda.max_memory_allocated(device) / 2**20
+    return float(mb)

@@ -1,0 +1,79 @@
+"""Declared hyperparameters: a default (the paper's) and a search range for tuning."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+class ParamError(ValueError):
+    """A hyperparameter that is unknown or outside its declared type or range."""
+
+
+@dataclass(frozen=True)
+class Param:
+    """One hyperparameter of a method.
+
+    ``low``/``high`` (with ``log``) give a numeric search range; ``choices`` a categorical one.
+    A parameter with neither is fixed during tuning.
+    """
+
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: tuple[Any, ...] | None = None
+    help: str = ""
+
+    @property
+    def kind(self) -> type:
+        return type(self.default)
+
+    @property
+    def tunable(self) -> bool:
+        return self.choices is not None or (self.low is not None and self.high is not None)
+
+    def check(self, name: str, value: Any, owner: str) -> Any:
+        """Coerce and validate ``value``; the error names the owner and the parameter."""
+        if self.choices is not None:
+            if value not in self.choices:
+                raise ParamError(
+                    f"{owner}: parameter {name!r} = {value!r} is not one of {list(self.choices)}"
+                )
+            return value
+        kind = self.kind
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ParamError(
+                    f"{owner}: parameter {name!r} must be true or false, got {value!r}"
+                )
+            return value
+        if kind in (int, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ParamError(f"{owner}: parameter {name!r} must be a number, got {value!r}")
+            if kind is int and float(value) != int(value):
+                raise ParamError(f"{owner}: parameter {name!r} must be an integer, got {value!r}")
+            value = kind(value)
+        return value
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "{" + ", ".join(map(str, self.choices)) + "}"
+        if self.tunable:
+            return f"[{self.low}, {self.high}]" + (" log" if self.log else "")
+        return "fixed"
+
+
+def resolve_params(
+    declared: Mapping[str, Param], given: Mapping[str, Any], owner: str
+) -> dict[str, Any]:
+    """Defaults overlaid with ``given``; unknown names are refused with the valid ones listed."""
+    unknown = sorted(set(given) - set(declared))
+    if unknown:
+        valid = ", ".join(sorted(declared)) or "none"
+        raise ParamError(f"{owner}: unknown parameter(s) {unknown}; valid parameters: {valid}")
+    out = {k: p.default for k, p in declared.items()}
+    for k, v in given.items():
+        out[k] = declared[k].check(k, v, owner)
+    return out

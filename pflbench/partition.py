@@ -1,0 +1,91 @@
+"""Which model entries are shared and which stay with the client.
+
+A partition maps every state-dict key to ``True`` (shared), ``False`` (personal) or a boolean
+tensor of the entry's shape (element-wise: ``True`` entries shared). Selections go by module type
+(norm layers) or by a module path the model declares, never by substrings of names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+Mask = bool | torch.Tensor
+Partition = dict[str, Mask]
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._BatchNorm,
+    nn.modules.instancenorm._InstanceNorm,
+    nn.GroupNorm,
+    nn.LayerNorm,
+)
+BATCHNORM_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class PartitionError(ValueError):
+    """A declared partition that cannot be built (for example, it would be empty)."""
+
+
+def floating_entries(model: nn.Module) -> Partition:
+    """FedAvg's partition: every floating-point entry, BN running statistics included.
+
+    Integer buffers (``num_batches_tracked``) are never averaged as floats: they stay local.
+    """
+    return {k: bool(v.is_floating_point()) for k, v in model.state_dict().items()}
+
+
+def _module_keys(model: nn.Module, prefix: str, module: nn.Module) -> list[str]:
+    keys = [f"{prefix}.{k}" if prefix else k for k in module.state_dict()]
+    return keys
+
+
+def keys_of_types(model: nn.Module, types: tuple[type[nn.Module], ...]) -> list[str]:
+    """State keys owned by modules of the given types (module type, not name)."""
+    keys: list[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, types):
+            keys.extend(_module_keys(model, name, module))
+    return keys
+
+
+def norm_keys(model: nn.Module) -> list[str]:
+    return keys_of_types(model, NORM_TYPES)
+
+
+def keys_under(model: nn.Module, path: str) -> list[str]:
+    """State keys of the module at ``path`` (e.g. ``head`` or ``encoder.0``)."""
+    try:
+        module = model.get_submodule(path)
+    except AttributeError as exc:
+        raise PartitionError(f"{type(model).__name__} has no module at path {path!r}") from exc
+    return _module_keys(model, path, module)
+
+
+def with_personal(base: Partition, personal: Iterable[str], what: str) -> Partition:
+    """``base`` with ``personal`` keys made local; an empty selection is an error, never FedAvg."""
+    personal = list(personal)
+    if not personal:
+        raise PartitionError(f"the {what} partition is empty: nothing would stay personal")
+    out = dict(base)
+    for k in personal:
+        out[k] = False
+    return out
+
+
+def partition_sizes(model: nn.Module, partition: Partition) -> dict[str, int]:
+    """Numbers of shared and personal entries (elements), for the run's manifest."""
+    shared = personal = 0
+    for k, v in model.state_dict().items():
+        m = partition.get(k, False)
+        n = v.numel()
+        if isinstance(m, torch.Tensor):
+            s = int(m.sum())
+            shared += s
+            personal += n - s
+        elif m:
+            shared += n
+        else:
+            personal += n
+    return {"shared": shared, "personal": personal}

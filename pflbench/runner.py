@@ -1,0 +1,221 @@
+"""From a suite to finished runs: the plan (dataset × method × seed), run keys, resume.
+
+A run's key hashes its semantic configuration, so a run whose key is DONE is never repeated and a
+killed sweep resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from functools import cache
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Literal
+
+from pflbench import __version__
+from pflbench.data import FederatedData, make_splits, splits_fingerprint
+from pflbench.engine import EvalCallback, Federation, RoundCallback, build_method
+from pflbench.params import resolve_params
+from pflbench.registry import get_dataset, get_method
+from pflbench.results import RunRecords, is_done, write_run
+from pflbench.suite import DatasetSpec, MethodSpec, ModelSpec, Protocol, Suite
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One cell of a suite: everything that determines a run's result."""
+
+    dataset: DatasetSpec
+    method: MethodSpec
+    seed: int
+    protocol: Protocol
+    model: ModelSpec
+    label: Literal["fixed", "tuned", "default"] = "fixed"
+    mode: Literal["final", "tune"] = "final"
+    extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+
+    def semantic(self, data_fingerprint: str) -> dict[str, Any]:
+        cls = get_method(self.method.name)
+        params = resolve_params(cls.params, self.method.params, f"method {self.method.name}")
+        return {
+            "dataset": {
+                "name": self.dataset.name,
+                "options": self.dataset.options,
+                "split_seed": self.dataset.split_seed,
+            },
+            "data_fingerprint": data_fingerprint,
+            "method": self.method.name,
+            "params": params,
+            "seed": self.seed,
+            "protocol": self.protocol.model_dump(
+                mode="json", exclude={"threads", "device", "store"}
+            ),
+            "model": self.model.model_dump(mode="json"),
+            "mode": self.mode,
+            "version": __version__,
+        }
+
+    def key(self, data_fingerprint: str) -> str:
+        blob = json.dumps(self.semantic(data_fingerprint), sort_keys=True, default=str)
+        digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
+        slug = f"{self.dataset.key}-{self.method.key}-s{self.seed}".replace("/", "_").replace(
+            ":", "_"
+        )
+        return f"{slug}-{digest}"
+
+
+def plan(suite: Suite) -> list[RunSpec]:
+    """Every (dataset, method, seed) cell of a suite, in a stable order."""
+    return [
+        RunSpec(dataset=d, method=m, seed=s, protocol=suite.protocol, model=suite.model)
+        for d in suite.datasets
+        for m in suite.methods
+        for s in suite.seeds
+    ]
+
+
+class DataCache:
+    """Loads each dataset once per process, with its case split and fingerprint."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[FederatedData, dict, str]] = {}
+
+    def get(self, spec: DatasetSpec) -> tuple[FederatedData, dict, str]:
+        k = json.dumps([spec.name, spec.options, spec.split_seed], sort_keys=True, default=str)
+        if k not in self._cache:
+            cls = get_dataset(spec.name)
+            data = cls(**spec.options).load()
+            splits = make_splits(data, seed=spec.split_seed)
+            self._cache[k] = (data, splits, splits_fingerprint(data, splits))
+        return self._cache[k]
+
+
+@cache
+def _git_info() -> dict[str, Any]:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=5
+        )
+        if sha.returncode != 0:
+            return {"sha": None, "dirty": None}
+        return {"sha": sha.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"sha": None, "dirty": None}
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version(), "pflbench": __version__}
+    for pkg in ("torch", "numpy", "scipy", "pandas", "optuna", "timm"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    import torch
+
+    out["cuda"] = torch.version.cuda
+    out["cudnn"] = (
+        str(torch.backends.cudnn.version()) if torch.backends.cudnn.is_available() else None
+    )
+    return out
+
+
+def execute(
+    spec: RunSpec,
+    out: str | Path,
+    data_cache: DataCache | None = None,
+    *,
+    on_eval: EvalCallback | None = None,
+    on_round: RoundCallback | None = None,
+    force: bool = False,
+) -> tuple[str, dict[str, Any] | None]:
+    """Run one cell unless its key is already DONE; returns (run_key, manifest or None if skipped)."""
+    data_cache = data_cache or DataCache()
+    data, splits, fingerprint = data_cache.get(spec.dataset)
+    run_key = spec.key(fingerprint)
+    if is_done(out, run_key) and not force:
+        return run_key, None
+    started = datetime.now(timezone.utc).isoformat()
+    method = build_method(spec.method)
+    fed = Federation(
+        data,
+        splits,
+        method,
+        spec.model,
+        spec.protocol,
+        spec.seed,
+        mode=spec.mode,
+        on_eval=on_eval,
+        on_round=on_round,
+    )
+    result = fed.run()
+    semantic = spec.semantic(fingerprint)
+    manifest = {
+        "run_key": run_key,
+        "dataset": spec.dataset.key,
+        "dataset_name": spec.dataset.name,
+        "method": spec.method.key,
+        "method_name": spec.method.name,
+        "label": spec.label,
+        "seed": spec.seed,
+        "params": semantic["params"],
+        "protocol": spec.protocol.model_dump(mode="json"),
+        "model": spec.model.model_dump(mode="json"),
+        "mode": spec.mode,
+        "data_fingerprint": fingerprint,
+        "sites": data.site_names,
+        "structures": list(data.structures),
+        "case_level": data.case_level,
+        "splits": {site: {k: len(v) for k, v in s.items()} for site, s in splits.items()},
+        "git": _git_info(),
+        "versions": _versions(),
+        "host": platform.node(),
+        "pid": os.getpid(),
+        "started_at": started,
+        "finished_at": datetime.now(timezone.utc).isoformat(),
+        **spec.extra,
+        **result.info,
+    }
+    write_run(out, run_key, RunRecords(result.rounds, result.comm, result.cases, manifest))
+    return run_key, manifest
+
+
+ProgressHook = Callable[[str, RunSpec, int, int], None]
+
+
+def run_suite(
+    suite: Suite,
+    out: str | Path,
+    *,
+    on_run_start: Callable[[RunSpec, int, int], None] | None = None,
+    on_run_end: Callable[[RunSpec, str, dict | None], None] | None = None,
+    on_round: RoundCallback | None = None,
+) -> list[str]:
+    """Run every cell in order, skipping DONE ones; returns the run keys."""
+    cache = DataCache()
+    keys = []
+    cells = plan(suite)
+    for i, spec in enumerate(cells):
+        if on_run_start:
+            on_run_start(spec, i, len(cells))
+        t0 = time.perf_counter()
+        key, manifest = execute(spec, out, cache, on_round=on_round)
+        if on_run_end:
+            on_run_end(
+                spec,
+                key,
+                manifest if manifest is None else {**manifest, "_wall_s": time.perf_counter() - t0},
+            )
+        keys.append(key)
+    return keys

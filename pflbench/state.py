@@ -1,0 +1,79 @@
+"""Where per-client state lives between hook calls: in memory, or on disk for many clients.
+
+A record is ``{"model": state_dict, "state": method extras, "snapshot": best eval model}``. The
+engine keeps one live model and loads a client's record into it when the client is active, so
+with the disk store only one client's state is in memory at a time.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class StateStore(ABC):
+    """Per-client records keyed by client id."""
+
+    @abstractmethod
+    def get(self, cid: str) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def put(self, cid: str, record: dict[str, Any]) -> None: ...
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most stores hold nothing to release
+        """Release whatever the store holds."""
+
+
+def _detached(record: dict[str, Any]) -> dict[str, Any]:
+    return copy.deepcopy(record)
+
+
+class MemoryStore(StateStore):
+    """Deep copies in a dict: fast, memory grows with the number of clients."""
+
+    def __init__(self) -> None:
+        self._records: dict[str, dict[str, Any]] = {}
+
+    def get(self, cid: str) -> dict[str, Any]:
+        return _detached(self._records[cid])
+
+    def put(self, cid: str, record: dict[str, Any]) -> None:
+        self._records[cid] = _detached(record)
+
+    def close(self) -> None:
+        self._records.clear()
+
+
+class DiskStore(StateStore):
+    """One ``torch.save`` file per client in a private temporary folder: flat peak memory."""
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        self._dir = Path(tempfile.mkdtemp(prefix="pflbench-state-", dir=root))
+
+    def _path(self, cid: str) -> Path:
+        return self._dir / f"{cid.replace('/', '__')}.pt"
+
+    def get(self, cid: str) -> dict[str, Any]:
+        return torch.load(self._path(cid), map_location="cpu", weights_only=False)
+
+    def put(self, cid: str, record: dict[str, Any]) -> None:
+        tmp = self._path(cid).with_suffix(".tmp")
+        torch.save(record, tmp)
+        tmp.replace(self._path(cid))
+
+    def close(self) -> None:
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def make_store(kind: str, root: str | Path | None = None) -> StateStore:
+    if kind == "memory":
+        return MemoryStore()
+    if kind == "disk":
+        return DiskStore(root)
+    raise ValueError(f"unknown state store {kind!r}; expected memory or disk")

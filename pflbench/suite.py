@@ -1,0 +1,224 @@
+"""The suite file: what to run, validated before anything runs.
+
+Errors name the file, the key (as a dotted path) and what was expected, one line each.
+Environment variables (``$VAR`` / ``${VAR}``) are expanded in every string of ``out`` and of the
+dataset options; an unset variable is an error that names it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pflbench.params import ParamError
+from pflbench.registry import RegistryError, registry
+
+
+class SuiteError(ValueError):
+    """A suite that cannot run; the message names the file and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _name_or_mapping(value: Any, options_key: str) -> Any:
+    if isinstance(value, str):
+        return {"name": value}
+    return value
+
+
+class DatasetSpec(_Strict):
+    name: str
+    label: str | None = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    split_seed: int = 0
+
+    _short = model_validator(mode="before")(lambda v: _name_or_mapping(v, "options"))
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+class MethodSpec(_Strict):
+    name: str
+    label: str | None = None
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    _short = model_validator(mode="before")(lambda v: _name_or_mapping(v, "params"))
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+class ModelSpec(_Strict):
+    name: str = "unet"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+    _short = model_validator(mode="before")(lambda v: _name_or_mapping(v, "options"))
+
+
+class OptimizerSpec(_Strict):
+    name: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+
+
+class Protocol(_Strict):
+    """The federation protocol, identical for every method of a suite."""
+
+    rounds: int = Field(gt=0, description="communication rounds T")
+    local_epochs: int | None = Field(1, gt=0)
+    local_steps: int | None = Field(None, gt=0)
+    batch_size: int = Field(8, gt=0)
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec)
+    client_fraction: float = Field(1.0, gt=0, le=1)
+    eval_every: int = Field(1, gt=0)
+    selection: Literal["best_after_half", "best", "last"] = "best_after_half"
+    threads: int | None = Field(None, gt=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    store: Literal["memory", "disk"] = "memory"
+    augment: bool = False
+    shuffle: bool = True
+    surface_metrics: bool = True
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> Protocol:
+        if self.local_steps is not None and "local_epochs" not in self.model_fields_set:
+            self.local_epochs = None
+        if (self.local_epochs is None) == (self.local_steps is None):
+            raise ValueError("give exactly one of local_epochs and local_steps")
+        return self
+
+
+class Suite(_Strict):
+    name: str
+    description: str = ""
+    out: str | None = None
+    datasets: list[DatasetSpec] = Field(min_length=1)
+    methods: list[MethodSpec] = Field(min_length=1)
+    seeds: list[int] = Field(min_length=1)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    protocol: Protocol
+    report: dict[str, Any] = Field(default_factory=dict)
+    tuning: dict[str, Any] | None = None
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds must be distinct, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> Suite:
+        for what, items in (("datasets", self.datasets), ("methods", self.methods)):
+            keys = [i.key for i in items]
+            dup = sorted({k for k in keys if keys.count(k) > 1})
+            if dup:
+                raise ValueError(f"{what}: {dup} appear more than once; give each a distinct label")
+        return self
+
+
+_VAR = re.compile(r"\$(\w+)|\$\{(\w+)\}")
+
+
+def expand_env(value: Any, where: str) -> Any:
+    """Expand environment variables in strings, recursively; an unset variable is an error."""
+    if isinstance(value, str):
+
+        def sub(m: re.Match[str]) -> str:
+            var = m.group(1) or m.group(2)
+            if var not in os.environ:
+                raise SuiteError(f"{where}: environment variable ${var} is not set (in {value!r})")
+            return os.environ[var]
+
+        return _VAR.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: expand_env(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [expand_env(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def parse_suite(raw: Any, source: str) -> Suite:
+    """Validate a suite mapping; ``source`` names the file in errors."""
+    if not isinstance(raw, dict):
+        raise SuiteError(f"{source}: a suite must be a mapping of keys, got {type(raw).__name__}")
+    try:
+        suite = Suite.model_validate(raw)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            lines.append(f"{source}: {_loc(loc)}: {msg}")
+        raise SuiteError("\n".join(lines)) from None
+    if suite.out is not None:
+        suite.out = expand_env(suite.out, f"{source}: out")
+    for i, d in enumerate(suite.datasets):
+        d.options = expand_env(d.options, f"{source}: datasets[{i}].options")
+    check_plugins(suite, source)
+    return suite
+
+
+def check_plugins(suite: Suite, source: str) -> None:
+    """Names resolve, method parameters are valid, declared data roots exist."""
+    problems: list[str] = []
+    for i, m in enumerate(suite.methods):
+        try:
+            cls = registry("methods").load(m.name)
+            cls(**m.params)
+        except (RegistryError, ParamError) as exc:
+            problems.append(f"{source}: methods[{i}]: {exc}")
+    for i, d in enumerate(suite.datasets):
+        try:
+            cls = registry("datasets").load(d.name)
+        except RegistryError as exc:
+            problems.append(f"{source}: datasets[{i}]: {exc}")
+            continue
+        root = d.options.get("root")
+        if root is not None and not Path(root).is_dir():
+            tree = getattr(cls, "expected_tree", "")
+            hint = f"\nexpected a folder laid out as:\n{tree}" if tree else ""
+            problems.append(
+                f"{source}: datasets[{i}].options.root: data folder {root!r} does not exist{hint}"
+            )
+    try:
+        registry("models").load(suite.model.name)
+    except RegistryError as exc:
+        problems.append(f"{source}: model: {exc}")
+    if problems:
+        raise SuiteError("\n".join(problems))
+
+
+def load_suite(path: str | Path) -> Suite:
+    """Read and validate a suite file."""
+    path = Path(path)
+    if not path.is_file():
+        raise SuiteError(f"{path}: no such suite file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SuiteError(f"{where}: malformed YAML: {problem}") from None
+    return parse_suite(raw, str(path))

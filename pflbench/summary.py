@@ -1,0 +1,50 @@
+"""The end-of-run summary: Dice per method × site, printed and written as Markdown.
+
+Reads the tidy results only: test Dice at the selected (best-validation) round, mean over the
+client's cases and structures, then mean ± std over seeds; the last column is the client-macro
+mean. In tuning-only folders (no test rows) the validation split is used and the title says so.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from pflbench.results import load_results
+
+
+def dice_table(out: str | Path) -> tuple[pd.DataFrame, str]:
+    """(table of strings "mean ± std" indexed by dataset/method with a site column each, split)."""
+    cases = load_results(out, "cases")
+    if cases.empty:
+        return pd.DataFrame(), "test"
+    split = "test" if (cases["split"] == "test").any() else "val"
+    sel = cases[(cases["selection"] == "best") & (cases["split"] == split)]
+    per_client = (
+        sel.groupby(["dataset", "method", "seed", "client"], sort=False)["dice"]
+        .mean()
+        .reset_index()
+    )
+    macro = (
+        per_client.groupby(["dataset", "method", "seed"], sort=False)["dice"].mean().reset_index()
+    )
+    macro["client"] = "mean"
+    both = pd.concat([per_client, macro], ignore_index=True)
+    agg = both.groupby(["dataset", "method", "client"], sort=False)["dice"].agg(["mean", "std"])
+    agg["std"] = agg["std"].fillna(0.0)
+    cells = agg.apply(lambda r: f"{r['mean']:.3f} ± {r['std']:.3f}", axis=1).rename("dice")
+    table = cells.reset_index().pivot(index=["dataset", "method"], columns="client", values="dice")
+    sites = [c for c in dict.fromkeys(per_client["client"]) if c in table.columns]
+    table = table[sites + ["mean"]]
+    return table, split
+
+
+def write_summary(out: str | Path) -> Path | None:
+    table, split = dice_table(out)
+    if table.empty:
+        return None
+    path = Path(out) / "summary.md"
+    title = f"# Dice per method × site ({split} split, best-validation round, mean ± std over seeds)\n\n"
+    path.write_text(title + table.reset_index().to_markdown(index=False) + "\n")
+    return path

@@ -1,0 +1,148 @@
+"""Local training pieces the engine owns: the loss, the optimizer and the batch stream.
+
+Methods train through these (via :class:`pflbench.client.Client`) so that every method uses the
+same loss, optimizer and data order, and every pass over the data is counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pflbench.data import SiteData
+
+
+class Diverged(FloatingPointError):
+    """Training produced a non-finite loss; the run is recorded as diverged, not crashed."""
+
+
+def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 − soft Dice per item and channel, averaged; probs and target are N×K×H×W."""
+    dims = tuple(range(2, probs.ndim))
+    inter = (probs * target).sum(dims)
+    denom = probs.sum(dims) + target.sum(dims)
+    return 1.0 - ((2 * inter + eps) / (denom + eps)).mean()
+
+
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """0.5·BCE + 0.5·Dice for one structure (one logit channel); CE + Dice for several classes.
+
+    The binary form is the field's benchmark loss (FL-MedSegBench); the multi-class form weighs
+    CE and Dice equally as well.
+    """
+    if logits.shape[1] == 1:
+        target = (labels > 0).to(logits.dtype).unsqueeze(1)
+        bce = F.binary_cross_entropy_with_logits(logits, target)
+        return 0.5 * bce + 0.5 * soft_dice_loss(torch.sigmoid(logits), target)
+    ce = F.cross_entropy(logits, labels)
+    onehot = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype)
+    return 0.5 * ce + 0.5 * soft_dice_loss(torch.softmax(logits, 1)[:, 1:], onehot[:, 1:])
+
+
+def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The same loss for each item separately (used by per-sample Fisher estimates)."""
+    return torch.stack(
+        [segmentation_loss(logits[i : i + 1], labels[i : i + 1]) for i in range(len(logits))]
+    )
+
+
+def make_optimizer(
+    params, name: Literal["adam", "sgd"], lr: float, weight_decay: float, momentum: float
+) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters were given to the optimizer")
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay, momentum=momentum)
+    raise ValueError(f"unknown optimizer {name!r}; expected adam or sgd")
+
+
+def batch_stream(
+    data: SiteData,
+    batch_size: int,
+    *,
+    epochs: int | None,
+    steps: int | None,
+    order: torch.Generator,
+    augment: torch.Generator | None,
+    shuffle: bool = True,
+    device: torch.device | str = "cpu",
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Mini-batches from in-memory tensors: ``epochs`` passes, or exactly ``steps`` batches.
+
+    No DataLoader is built per round: indexing the held tensors is the whole pipeline.
+    A final short batch is kept (a site smaller than the batch still trains); a batch of one
+    image is merged into the previous one, because BatchNorm cannot train on a single item.
+    """
+    n = len(data)
+    if (epochs is None) == (steps is None):
+        raise ValueError("give exactly one of epochs or steps")
+
+    def one_epoch() -> list[torch.Tensor]:
+        idx = torch.randperm(n, generator=order) if shuffle else torch.arange(n)
+        chunks = list(idx.split(batch_size))
+        if len(chunks) > 1 and len(chunks[-1]) == 1:
+            chunks[-2] = torch.cat([chunks[-2], chunks[-1]])
+            chunks.pop()
+        return chunks
+
+    def emit(ix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = data.images.index_select(0, ix)
+        y = data.labels.index_select(0, ix)
+        if augment is not None:
+            flip = torch.rand(len(ix), 2, generator=augment) < 0.5
+            x, y = x.clone(), y.clone()
+            for i in range(len(ix)):
+                if flip[i, 0]:
+                    x[i], y[i] = x[i].flip(-1), y[i].flip(-1)
+                if flip[i, 1]:
+                    x[i], y[i] = x[i].flip(-2), y[i].flip(-2)
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    if epochs is not None:
+        for _ in range(epochs):
+            for ix in one_epoch():
+                yield emit(ix)
+        return
+    done = 0
+    while done < steps:  # type: ignore[operator]
+        for ix in one_epoch():
+            yield emit(ix)
+            done += 1
+            if done >= steps:  # type: ignore[operator]
+                return
+
+
+def check_finite(loss: torch.Tensor, where: str) -> None:
+    if not torch.isfinite(loss).all():
+        raise Diverged(f"non-finite loss ({loss.item()}) in {where}")
+
+
+def train_epochs(
+    model: nn.Module,
+    batches,
+    optimizer: torch.optim.Optimizer,
+    extra_loss=None,
+    where: str = "local training",
+) -> tuple[float, int]:
+    """Plain supervised steps over ``batches``; returns (mean loss, samples seen)."""
+    model.train()
+    total, seen, count = 0.0, 0, 0
+    for x, y in batches:
+        optimizer.zero_grad(set_to_none=True)
+        loss = segmentation_loss(model(x), y)
+        if extra_loss is not None:
+            loss = loss + extra_loss(model)
+        check_finite(loss, where)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach())
+        count += 1
+        seen += len(x)
+    return (total / max(count, 1)), seen

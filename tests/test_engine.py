@@ -1,0 +1,232 @@
+"""The engine's contract: determinism, invariances, privacy boundary, accounting, selection."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+from conftest import TINY_MODEL, fast_protocol, tiny_federation
+
+from pflbench.aggregation import aggregation_weights, masked_average, merge_into
+from pflbench.data import FederatedData, make_splits
+from pflbench.engine import Federation
+from pflbench.messages import Upload
+from pflbench.method import Method
+from pflbench.registry import get_method
+
+
+def run(data: FederatedData, method: str | Method, seed: int = 0, **proto):
+    m = get_method(method)() if isinstance(method, str) else method
+    fed = Federation(data, make_splits(data), m, TINY_MODEL, fast_protocol(**proto), seed)
+    return fed, fed.run()
+
+
+def test_same_seed_same_threads_is_bitwise_identical(tiny):
+    _, a = run(tiny, "fedavg", seed=0)
+    _, b = run(tiny, "fedavg", seed=0)
+    assert a.rounds["value"].gt(0).any()  # it learned something, so equality is informative
+    pd.testing.assert_frame_equal(a.rounds, b.rounds)
+    pd.testing.assert_frame_equal(a.cases, b.cases)
+    _, c = run(tiny, "fedavg", seed=1)
+    assert not a.rounds["value"].equals(c.rounds["value"])
+
+
+class _Capture(Method):
+    """FedAvg that keeps each client's final model in a class-level dict (test only)."""
+
+    name = "capture"
+    models: dict = {}
+
+    def eval_model(self, client):
+        type(self).models[client.id] = {k: v.clone() for k, v in client.model.state_dict().items()}
+        return client.model
+
+
+def _capture(base: type[Method]) -> type[Method]:
+    return type(
+        f"Capture{base.__name__}", (base,), {"models": {}, "eval_model": _Capture.eval_model}
+    )
+
+
+def test_one_client_federation_equals_local_training():
+    data = tiny_federation(n_sites=1)
+    fed_cls, loc_cls = _capture(get_method("fedavg")), _capture(get_method("local"))
+    _, a = run(data, fed_cls(), rounds=3)
+    _, b = run(data, loc_cls(), rounds=3)
+    for k, v in fed_cls.models["site0"].items():
+        assert torch.equal(v, loc_cls.models["site0"][k]), k
+    pd.testing.assert_frame_equal(a.rounds, b.rounds)
+    assert a.info["bytes_up"] > 0 and b.info["bytes_up"] == 0 and b.info["bytes_down"] == 0
+
+
+def test_two_identical_clients_under_fedavg_equal_local_training_on_one():
+    two = tiny_federation(n_sites=2, identical=True)
+    two.sites[1].case_ids = list(two.sites[0].case_ids)  # same cases, same split
+    split = make_splits(two)["site0"]
+    two.predefined_splits = {"site0": split, "site1": split}
+    one = FederatedData(
+        name="one",
+        sites=[two.sites[0]],
+        classes=two.classes,
+        structures=two.structures,
+        predefined_splits={"site0": split},
+    )
+    fed_cls, loc_cls = _capture(get_method("fedavg")), _capture(get_method("local"))
+    # identical clients need identical data order: no shuffling (site names differ, so streams do)
+    run(two, fed_cls(), rounds=2, shuffle=False)
+    run(one, loc_cls(), rounds=2, shuffle=False)
+    for k, v in loc_cls.models["site0"].items():
+        assert torch.equal(fed_cls.models["site0"][k], v), k
+        assert torch.equal(fed_cls.models["site1"][k], v), k
+
+
+def test_fedavg_changes_models_versus_local(tiny):
+    fed_cls, loc_cls = _capture(get_method("fedavg")), _capture(get_method("local"))
+    run(tiny, fed_cls())
+    run(tiny, loc_cls())
+    w = fed_cls.models
+    # FedAvg: every client holds the same global model, BN running stats included
+    for k in w["site0"]:
+        if w["site0"][k].is_floating_point():
+            assert torch.equal(w["site0"][k], w["site1"][k]), k
+    # Local: clients differ
+    assert not torch.equal(
+        loc_cls.models["site0"]["head.weight"], loc_cls.models["site1"]["head.weight"]
+    )
+
+
+def test_fedavg_averages_bn_running_stats_but_not_num_batches_tracked(tiny):
+    fed_cls = _capture(get_method("fedavg"))
+    run(tiny, fed_cls())
+    m = fed_cls.models["site0"]
+    assert any(k.endswith("running_mean") for k in m)
+    part = get_method("fedavg")().partition(torch.nn.BatchNorm2d(3))
+    assert part["running_mean"] is True and part["running_var"] is True
+    assert part["num_batches_tracked"] is False
+
+
+def _upload(value: float, weight: float, mask=None) -> Upload:
+    t = torch.full((4,), value)
+    return Upload(entries={"w": t}, weight=weight, masks={} if mask is None else {"w": mask})
+
+
+def test_aggregation_weights_sum_to_one():
+    ups = {str(i): _upload(0.0, w) for i, w in enumerate([3, 1, 7.5, 0.25])}
+    w = aggregation_weights(ups)
+    assert sum(w.values()) == pytest.approx(1.0, abs=1e-12)
+    assert w["2"] == pytest.approx(7.5 / 11.75)
+
+
+def test_masked_average_and_merge_keep_personal_entries_bit_identical():
+    m0 = torch.tensor([True, True, False, False])
+    m1 = torch.tensor([True, False, True, False])
+    ups = {"a": _upload(1.0, 1.0, m0), "b": _upload(3.0, 3.0, m1)}
+    msg = masked_average(ups)
+    assert torch.allclose(msg.entries["w"][:3], torch.tensor([2.5, 1.0, 3.0]))
+    assert msg.masks["w"].tolist() == [True, True, True, False]  # nobody shares element 3
+    state = {"w": torch.tensor([10.0, 20.0, 30.0, 40.0])}
+    merge_into(state, msg, {"w": m0})
+    assert state["w"].tolist() == [2.5, 1.0, 30.0, 40.0]
+
+
+def test_single_contributor_average_is_exact():
+    t = torch.randn(1000)
+    msg = masked_average({"a": Upload(entries={"w": t}, weight=7.0)})
+    assert torch.equal(msg.entries["w"], t)
+
+
+class _Snoop(Method):
+    """A method that tries to reach other clients' data from client hooks."""
+
+    name = "snoop"
+    seen_sites: list = []
+    failures: list = []
+
+    def local_update(self, client):
+        type(self).seen_sites.append({client.id, *set(client.train_data.case_ids)})
+        for attr in ("federation", "engine", "clients", "_engine", "by_id", "data"):
+            try:
+                getattr(client, attr)
+                type(self).failures.append(attr)
+            except AttributeError:
+                pass
+        if hasattr(self, "stash"):  # an instance survives from another client's hook
+            type(self).failures.append("stash")
+        self.stash = client.train_data
+        client.fit()
+
+
+def test_client_hooks_cannot_reach_other_clients(tiny):
+    run(tiny, _Snoop())
+    assert _Snoop.failures == []
+    for seen in _Snoop.seen_sites:
+        site = next(s for s in seen if s.startswith("site") and "-" not in s)
+        assert all(c == site or c.startswith(f"{site}-") for c in seen)
+
+
+def test_communication_is_counted(tiny):
+    fed, out = run(tiny, "fedavg", rounds=2)
+    n_params = sum(
+        v.numel() * v.element_size()
+        for v in fed.model.state_dict().values()
+        if v.is_floating_point()
+    )
+    per_round = out.comm[out.comm["round"] == 1]
+    assert (per_round["bytes_up"].sum()) == 3 * n_params
+    assert (per_round["bytes_down"].sum()) == 3 * n_params
+
+
+def test_selection_uses_validation_after_half(tiny):
+    _, out = run(tiny, "fedavg", rounds=4)
+    best = out.cases[out.cases["selection"] == "best"]
+    val = out.rounds[
+        (out.rounds["split"] == "val")
+        & (out.rounds["structure"] == "mean")
+        & (out.rounds["metric"] == "dice")
+    ]
+    for cid, g in val.groupby("client"):
+        after = g[g["round"] > 2]
+        chosen = int(best[best["client"] == cid]["round"].iloc[0])
+        assert chosen in (3, 4)
+        assert after.set_index("round")["value"][chosen] == after["value"].max()
+    assert set(out.cases["selection"]) == {"best", "last"}
+    assert set(out.cases["split"]) == {"val", "test"}
+
+
+def test_evaluation_covers_all_clients_under_partial_participation(tiny):
+    _, out = run(tiny, "fedavg", rounds=2, client_fraction=0.34)
+    sampled = out.comm[out.comm["sampled"]]
+    assert sampled.groupby("round")["client"].nunique().tolist() == [1, 1]
+    val = out.rounds[out.rounds["split"] == "val"]
+    assert val.groupby("round")["client"].nunique().tolist() == [3, 3]
+
+
+def test_tuning_mode_never_builds_the_test_split(tiny):
+    from pflbench.federation import TestSplitAccessError, build_clients
+
+    m = get_method("fedavg")()
+    fed = Federation(tiny, make_splits(tiny), m, TINY_MODEL, fast_protocol(), 0, mode="tune")
+    out = fed.run()
+    assert set(out.cases["split"]) == {"val"} and set(out.rounds["split"]) == {"val"}
+    with pytest.raises(TestSplitAccessError, match="not available while tuning"):
+        _ = build_clients(tiny, make_splits(tiny), mode="tune")[0].test
+
+
+def test_diverging_run_is_recorded_not_raised(tiny):
+    from pflbench.suite import OptimizerSpec
+
+    _, out = run(tiny, "fedavg", rounds=3, optimizer=OptimizerSpec(name="sgd", lr=1e12, momentum=0))
+    assert out.info["status"] == "diverged"
+    assert "non-finite" in out.info["error"]
+
+
+def test_disk_store_gives_the_same_result_as_memory(tiny):
+    _, a = run(tiny, "fedavg", store="memory")
+    _, b = run(tiny, "fedavg", store="disk")
+    pd.testing.assert_frame_equal(a.rounds, b.rounds)
+
+
+def test_local_steps_budget_is_counted(tiny):
+    _, out = run(tiny, "fedavg", rounds=2, local_epochs=None, local_steps=3)
+    # 7 training images, batch 4: steps of 4, 3 (epoch end), 4 images
+    assert out.info["budget"]["local"] == 2 * 3 * (4 + 3 + 4)  # rounds × clients × images
