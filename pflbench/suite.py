@@ -7,6 +7,7 @@ dataset options; an unset variable is an error that names it.
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 from pathlib import Path
@@ -201,12 +202,31 @@ def check_plugins(suite: Suite, source: str) -> None:
             problems.append(
                 f"{source}: datasets[{i}].options.root: data folder {root!r} does not exist{hint}"
             )
+            continue
+        problem = _check_options(cls, d.options)
+        if problem:
+            problems.append(f"{source}: datasets[{i}].options: {problem}")
     try:
         registry("models").load(suite.model.name)
     except RegistryError as exc:
         problems.append(f"{source}: model: {exc}")
     if problems:
         raise SuiteError("\n".join(problems))
+
+
+def _check_options(cls: type, options: dict[str, Any]) -> str | None:
+    """Unknown or invalid dataset options, found by building the plugin (no data is read)."""
+    params = inspect.signature(cls.__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        valid = [k for k in params if k != "self"]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            return f"unknown option(s) {unknown} for dataset {cls.name!r}; valid options: {', '.join(valid)}"
+    try:
+        cls(**options)
+    except (ValueError, TypeError) as exc:
+        return str(exc)
+    return None
 
 
 def load_suite(path: str | Path) -> Suite:
