@@ -198,20 +198,13 @@ def check(name: str, root: str) -> None:
         cls = registry("datasets").load(name)
     except RegistryError as exc:
         _fail(str(exc))
+    from pflbench.datasets._io import format_check
+
     try:
         report = cls(root=root).check()
     except DataError as exc:
         _fail(str(exc))
-    t = Table(title=f"{name} at {root}")
-    keys = sorted({k for s in report.sites.values() for k in s})
-    t.add_column("site")
-    for k in keys:
-        t.add_column(k)
-    for site, info in report.sites.items():
-        t.add_row(site, *[str(info.get(k, "")) for k in keys])
-    out_console.print(t)
-    for p in report.problems:
-        out_console.print(f"[red]problem:[/] {p}", highlight=False)
+    out_console.print(format_check(report))
     if report.problems:
         out_console.print(f"{len(report.problems)} problem(s) found")
         sys.exit(1)

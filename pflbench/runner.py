@@ -29,6 +29,10 @@ from pflbench.results import RunRecords, is_done, write_run
 from pflbench.suite import DatasetSpec, MethodSpec, ModelSpec, Protocol, Suite
 
 
+#: Dataset options that say where things are on this machine, not what the data is.
+LOCAL_OPTIONS = frozenset({"cache_dir", "cache", "root", "image_path", "mask_path"})
+
+
 @dataclass(frozen=True)
 class RunSpec:
     """One cell of a suite: everything that determines a run's result."""

@@ -34,7 +34,9 @@ def make_plugin(root: Path, broken: bool = False) -> Path:
     pkg.mkdir(parents=True)
     (pkg / "__init__.py").write_text(PLUGIN)
     if broken:
-        (root / "brokenpfl.py").write_text("raise ImportError('this plugin is broken on purpose')\n")
+        (root / "brokenpfl.py").write_text(
+            "raise ImportError('this plugin is broken on purpose')\n"
+        )
     info = root / "thirdparty_pfl-0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-pfl\nVersion: 0.1\n")
@@ -64,7 +66,9 @@ def test_class_path_is_accepted():
         registry("methods").load("pflbench.methods.fedavg:Nope")
 
 
-def _cli(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def _cli(
+    *args: str, env: dict | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "pflbench.cli", *args],
         capture_output=True,

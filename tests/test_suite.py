@@ -52,7 +52,9 @@ def test_unknown_key_is_named(tmp_path):
 
 def test_unknown_method_suggests(tmp_path):
     msg = bad(tmp_path, {**GOOD, "methods": ["fedavgg"]})
-    assert "methods[0]" in msg and "unknown method 'fedavgg'" in msg and "did you mean 'fedavg'" in msg
+    assert (
+        "methods[0]" in msg and "unknown method 'fedavgg'" in msg and "did you mean 'fedavg'" in msg
+    )
 
 
 def test_non_positive_rounds(tmp_path):
@@ -108,5 +110,8 @@ def test_shipped_suites_validate(path, monkeypatch, tmp_path):
     try:
         load_suite(path)
     except SuiteError as exc:  # real-data suites may only fail on the missing data folders
-        assert all("does not exist" in line or "expected" in line or line.startswith(" ") or "/" in line for line in str(exc).splitlines()), exc
+        assert all(
+            "does not exist" in line or "expected" in line or line.startswith(" ") or "/" in line
+            for line in str(exc).splitlines()
+        ), exc
         assert "options.root" in str(exc)
