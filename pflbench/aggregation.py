@@ -25,47 +25,46 @@ def aggregation_weights(uploads: Mapping[str, Upload]) -> dict[str, float]:
 def masked_average(uploads: Mapping[str, Upload]) -> Message:
     """Element-wise weighted mean of the shared entries, over the clients that share each element.
 
-    w̄[e] = Σ_j n_j s_j[e] θ_j[e] / Σ_j n_j s_j[e]. Accumulates in float64; with a single
-    contributor (or identical contributors) the result equals the input bit for bit.
+    w̄[e] = Σ_j n_j s_j[e] θ_j[e] / Σ_j n_j s_j[e]. One pass over the uploads (each is read
+    once, so a disk-backed mapping keeps one upload in memory at a time), accumulating in
+    float64: with one contributor, or identical ones, the result equals the input bit for bit.
     """
-    if not uploads:
-        return Message(entries={})
-    keys: dict[str, None] = {}
+    num: dict[str, torch.Tensor] = {}
+    den: dict[str, torch.Tensor | float] = {}
+    dtypes: dict[str, torch.dtype] = {}
     for u in uploads.values():
-        keys.update(dict.fromkeys(u.entries))
+        w = float(u.weight)
+        for k, t in u.entries.items():
+            if not t.is_floating_point():
+                raise TypeError(
+                    f"entry {k!r} is {t.dtype}; only floating-point entries are averaged"
+                )
+            share = u.masks.get(k)
+            if k not in num:
+                num[k] = torch.zeros_like(t, dtype=torch.float64)
+                den[k] = 0.0
+                dtypes[k] = t.dtype
+            if share is None:
+                num[k].add_(t.to(torch.float64), alpha=w)
+                den[k] = den[k] + w
+            else:
+                ws = share.to(torch.float64) * w
+                num[k].add_(ws * t.to(torch.float64))
+                den[k] = den[k] + ws
     entries: dict[str, torch.Tensor] = {}
     masks: dict[str, torch.Tensor] = {}
-    for k in keys:
-        holders = [(u, u.entries[k]) for u in uploads.values() if k in u.entries]
-        ref = holders[0][1]
-        if not ref.is_floating_point():
-            raise TypeError(f"entry {k!r} is {ref.dtype}; only floating-point entries are averaged")
-        if all(k not in u.masks for u, _ in holders):
-            total = sum(float(u.weight) for u, _ in holders)
-            acc = torch.zeros_like(ref, dtype=torch.float64)
-            for u, t in holders:
-                acc.add_(t.to(torch.float64), alpha=float(u.weight) / total)
-            entries[k] = acc.to(ref.dtype)
-            continue
-        num = torch.zeros_like(ref, dtype=torch.float64)
-        den = torch.zeros_like(ref, dtype=torch.float64)
-        for u, _ in holders:
-            share = u.masks.get(k)
-            w = torch.full_like(den, float(u.weight))
-            if share is not None:
-                w = w * share.to(torch.float64)
-            den.add_(w)
-        covered = den > 0
-        safe = torch.where(covered, den, torch.ones_like(den))
-        for u, t in holders:
-            share = u.masks.get(k)
-            w = torch.full_like(den, float(u.weight))
-            if share is not None:
-                w = w * share.to(torch.float64)
-            num.add_((w / safe) * t.to(torch.float64))
-        entries[k] = num.to(ref.dtype)
-        if not bool(covered.all()):
-            masks[k] = covered
+    for k, total in den.items():
+        if isinstance(total, torch.Tensor):
+            covered = total > 0
+            entries[k] = (num[k] / torch.where(covered, total, torch.ones_like(total))).to(
+                dtypes[k]
+            )
+            if not bool(covered.all()):
+                masks[k] = covered
+        else:
+            if total <= 0:
+                raise ValueError(f"entry {k!r}: aggregation weights must have a positive sum")
+            entries[k] = (num[k] / total).to(dtypes[k])
     return Message(entries=entries, masks=masks)
 
 

@@ -24,11 +24,11 @@ from pflbench import metrics
 from pflbench.client import Budget, Client, LocalWork, _seed
 from pflbench.data import FederatedData, SiteData
 from pflbench.federation import ClientSplits, Mode, build_clients
-from pflbench.messages import Message, payload_bytes
+from pflbench.messages import Message, Upload, payload_bytes
 from pflbench.method import Method
 from pflbench.partition import partition_sizes
 from pflbench.registry import get_method, get_model
-from pflbench.state import StateStore, make_store
+from pflbench.state import MemoryStore, StateStore, StoredUploads, make_store
 from pflbench.suite import MethodSpec, ModelSpec, Protocol
 from pflbench.training import Diverged
 
@@ -169,9 +169,8 @@ class Federation:
 
     # phases -------------------------------------------------------------------------------------
     def _setup(self) -> None:
-        init = _state_copy(self.model)
         for cid in self.ids:
-            self.store.put(cid, {"model": init, "state": {}})
+            self.store.put(cid, {"model": _state_copy(self.model), "state": {}})
         payloads: dict[str, Any] = {}
         for cid in self.ids:
             client, _ = self._open(cid, 0)
@@ -197,7 +196,9 @@ class Federation:
 
     def _round(self, r: int) -> None:
         t0 = time.perf_counter()
-        uploads = {}
+        on_disk = not isinstance(self.store, MemoryStore)
+        uploads: dict[str, Upload] = {}
+        stored: list[str] = []
         for cid in self._sample():
             client, _ = self._open(cid, r)
             m = self.method.fresh()
@@ -205,13 +206,19 @@ class Federation:
             up = m.upload(client) if self.method.communicates else None
             self._close(cid, client)
             if up is not None:
-                uploads[cid] = up
+                if on_disk:  # keep one upload in memory at a time
+                    self.store.put(f"{cid}/upload", {"upload": up})
+                    stored.append(cid)
+                else:
+                    uploads[cid] = up
             self._comm(r, cid, up=payload_bytes(up), sampled=True)
         t1 = time.perf_counter()
         self.timings["train_s"] += t1 - t0
-        if not uploads:
+        if not (uploads or stored):
             return
-        messages = self.method.aggregate(uploads, r)
+        messages = self.method.aggregate(
+            StoredUploads(self.store, stored) if on_disk else uploads, r
+        )
         targets = {cid: messages for cid in self.ids} if isinstance(messages, Message) else messages
         for cid, msg in targets.items():
             client, _ = self._open(cid, r)

@@ -28,7 +28,6 @@ from pflbench.registry import get_dataset, get_method
 from pflbench.results import RunRecords, is_done, write_run
 from pflbench.suite import DatasetSpec, MethodSpec, ModelSpec, Protocol, Suite
 
-
 #: Dataset options that say where things are on this machine, not what the data is.
 LOCAL_OPTIONS = frozenset({"cache_dir", "cache", "root", "image_path", "mask_path"})
 

@@ -11,6 +11,7 @@ import copy
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,9 @@ class MemoryStore(StateStore):
         return _detached(self._records[cid])
 
     def put(self, cid: str, record: dict[str, Any]) -> None:
-        self._records[cid] = _detached(record)
+        # the engine hands over a fresh copy of the model state; everything else may alias
+        # live objects and is copied
+        self._records[cid] = {k: v if k == "model" else _detached(v) for k, v in record.items()}
 
     def close(self) -> None:
         self._records.clear()
@@ -69,6 +72,25 @@ class DiskStore(StateStore):
 
     def close(self) -> None:
         shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class StoredUploads(Mapping):
+    """The round's uploads as a read-only mapping that loads each one from the store on access."""
+
+    def __init__(self, store: StateStore, ids: list[str]) -> None:
+        self._store = store
+        self._ids = list(ids)
+
+    def __getitem__(self, cid: str) -> Any:
+        if cid not in self._ids:
+            raise KeyError(cid)
+        return self._store.get(f"{cid}/upload")["upload"]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ids)
+
+    def __len__(self) -> int:
+        return len(self._ids)
 
 
 def make_store(kind: str, root: str | Path | None = None) -> StateStore:
