@@ -50,8 +50,34 @@ def default_out(suite: Suite, suite_path: str) -> Path:
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @click.option("--no-report", is_flag=True, help="Skip the report at the end.")
-def run(suite_path: str, out: str | None, quiet: bool, no_report: bool) -> None:
-    """Run every dataset × method × seed of SUITE (finished runs are skipped)."""
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Local worker processes taking runs from the storage queue; CPU threads (or GPUs) "
+    "are split between them.",
+)
+@click.option(
+    "--storage",
+    envvar="PFLBENCH_STORAGE",
+    help="Optuna storage of the sweep (default: a journal file in the run folder): "
+    "journal:PATH, or postgresql+psycopg://USER@HOST/DB for workers on many machines. "
+    "Env: PFLBENCH_STORAGE.",
+)
+def run(
+    suite_path: str,
+    out: str | None,
+    quiet: bool,
+    no_report: bool,
+    workers: int = 1,
+    storage: str | None = None,
+) -> None:
+    """Run every dataset × method × seed of SUITE (finished runs are skipped).
+
+    A suite with a `tuning` section, --workers > 1 or --storage goes through the Optuna storage
+    (a killed sweep resumes; more machines can join with `pflbench worker`).
+    """
     from pflbench.runner import plan, run_suite
     from pflbench.summary import dice_table, write_summary
 
@@ -59,6 +85,8 @@ def run(suite_path: str, out: str | None, quiet: bool, no_report: bool) -> None:
     out_dir = Path(out) if out else default_out(suite, suite_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     cells = plan(suite)
+    n_runs = len(cells)
+    sweep = suite.tuning is not None or workers > 1 or storage is not None
     t_start = time.perf_counter()
     skipped = 0
     with Progress(
@@ -92,7 +120,15 @@ def run(suite_path: str, out: str | None, quiet: bool, no_report: bool) -> None:
             progress.update(round_task, completed=r, total=total)
 
         try:
-            run_suite(suite, out_dir, on_run_start=start, on_run_end=end, on_round=on_round)
+            if sweep:
+                from pflbench.worker import run_sweep
+
+                result = run_sweep(
+                    suite, suite_path, out_dir, storage, workers, quiet=quiet, progress=progress
+                )
+                n_runs, skipped = result.runs, result.skipped
+            else:
+                run_suite(suite, out_dir, on_run_start=start, on_run_end=end, on_round=on_round)
         except (SuiteError, RegistryError, ValueError) as exc:
             _fail(str(exc))
     wall = time.perf_counter() - t_start
@@ -108,7 +144,7 @@ def run(suite_path: str, out: str | None, quiet: bool, no_report: bool) -> None:
             t.add_row(ds, m, *[str(v) if isinstance(v, str) else "–" for v in row])
         out_console.print(t)
     console.print(
-        f"{len(cells)} runs ({skipped} already done) in {wall:.1f} s → {out_dir}"
+        f"{n_runs} runs ({skipped} already done) in {wall:.1f} s → {out_dir}"
         + (f"; summary: {summary}" if summary else "")
     )
     if not no_report:
@@ -121,6 +157,50 @@ def run(suite_path: str, out: str | None, quiet: bool, no_report: bool) -> None:
             console.print(f"report: {path}")
         except Exception as exc:  # a report problem never loses the finished runs
             console.print(f"[yellow]report failed:[/] {type(exc).__name__}: {exc}")
+
+
+@main.command()
+@click.argument("suite_path", metavar="SUITE")
+@click.option(
+    "--storage",
+    envvar="PFLBENCH_STORAGE",
+    help="Optuna storage of the sweep to join (default: the journal file in the run folder). "
+    "Env: PFLBENCH_STORAGE.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    help="Run folder (default: the suite's `out`, else runs/<suite name>); share it between "
+    "machines, or copy the results/ folders together afterwards.",
+)
+@click.option("--threads", type=click.IntRange(min=1), help="Torch CPU threads (default: all).")
+@click.option("--index", type=click.IntRange(min=0), hidden=True)
+@click.option("--quiet", "-q", is_flag=True, help="Only errors.")
+def worker(
+    suite_path: str,
+    storage: str | None,
+    out: str | None,
+    threads: int | None,
+    index: int | None,
+    quiet: bool,
+) -> None:
+    """Join the sweep of SUITE in --storage and take runs until none is left."""
+    from pflbench.worker import worker_main
+
+    suite = _load(suite_path)
+    out_dir = Path(out) if out else default_out(suite, suite_path)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        stats = worker_main(suite, out_dir, storage, threads=threads, index=index, quiet=quiet)
+    except (SuiteError, RegistryError, ValueError) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        sys.exit(130)
+    if not quiet:
+        console.print(
+            f"worker done: {stats.trials} trials ({stats.complete} complete, {stats.pruned} "
+            f"pruned, {stats.failed} failed); {stats.reaped} dead workers' trials re-enqueued"
+        )
 
 
 @main.command(name="list")
@@ -162,23 +242,19 @@ def show(method: str) -> None:
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
-@click.option(
-    "--reference", help="Reference method of the comparison (default: fedavg if present)."
-)
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--reference", help="Reference method of the comparison (default: fedavg if present).")
 @click.option("--metric", default="dice", type=click.Choice(["dice", "iou", "hd95", "assd"]))
-@click.option(
-    "--out", type=click.Path(file_okay=False), help="Report folder (default RUN_DIR/report)."
-)
-def report(run_dir: str, reference: str | None, metric: str, out: str | None) -> None:
-    """Statistics, LaTeX tables, figures, Markdown and HTML from a run folder."""
+@click.option("--practical", type=float, default=0.01, show_default=True, help="Practical threshold in metric units.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Report folder (default RUN_DIR/report).")
+def report(run_dir: Path, reference: str | None, metric: str, practical: float, out: Path | None) -> None:
+    """Statistics, LaTeX tables, figures, Markdown and HTML from a run folder's tidy results."""
+    from pflbench.report import ReportError, build_report
+
     try:
-        from pflbench.report import build_report
-    except ImportError as exc:
-        _fail(f"the report module is unavailable: {exc}")
-    path = build_report(
-        Path(run_dir), out=Path(out) if out else None, reference=reference, metric=metric
-    )
+        path = build_report(run_dir, out=out, reference=reference, metric=metric, practical=practical)
+    except ReportError as exc:
+        _fail(str(exc))
     out_console.print(f"report written to {path}")
 
 

@@ -1,0 +1,400 @@
+"""``build_report``: tidy results → report.md, report.html, tables/*.tex, figures/*.pdf|png.
+
+Reads only what :mod:`pflbench.results` wrote (the rounds, comm and cases tables and the
+manifests of finished runs); model files, checkpoints and data are never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pflbench import stats
+
+from . import data, figures, html, latex, markdown, tables
+from .data import ReportError, Results
+
+# --------------------------------------------------------------------------- document model
+
+
+@dataclass
+class Block:
+    """One element of the report, rendered to Markdown and HTML alike."""
+
+    kind: str  # "h1" | "h2" | "h3" | "p" | "ul" | "table" | "figure" | "kv" | "note"
+    content: Any
+    extra: Any = None
+
+
+def _html_inline(text: str) -> str:
+    s = html.esc(text)
+    s = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", s)
+    s = re.sub(r"`(.+?)`", r"<code>\1</code>", s)
+    return s
+
+
+def render_markdown(blocks: list[Block]) -> str:
+    out = []
+    for b in blocks:
+        if b.kind in ("h1", "h2", "h3"):
+            out.append("#" * int(b.kind[1]) + " " + b.content)
+        elif b.kind == "p":
+            out.append(b.content)
+        elif b.kind == "note":
+            out.append("> " + b.content)
+        elif b.kind == "ul":
+            out.append("\n".join(f"- {x}" for x in b.content))
+        elif b.kind == "table":
+            out.append(markdown.to_markdown(b.content))
+        elif b.kind == "kv":
+            out.append(markdown.key_values(b.content, b.extra or ("Field", "Value")))
+        elif b.kind == "figure":
+            png, caption = b.content
+            out.append(f"![{png.stem}](figures/{png.name})\n\n*{caption}*")
+    return "\n\n".join(out) + "\n"
+
+
+def render_html(blocks: list[Block], title: str) -> str:
+    body = []
+    for b in blocks:
+        if b.kind in ("h1", "h2", "h3"):
+            body.append(f"<{b.kind}>{html.esc(b.content)}</{b.kind}>")
+        elif b.kind == "p":
+            body.append(f"<p>{_html_inline(b.content)}</p>")
+        elif b.kind == "note":
+            body.append(f'<p class="note">{_html_inline(b.content)}</p>')
+        elif b.kind == "ul":
+            body.append(
+                "<ul>" + "".join(f"<li>{_html_inline(x)}</li>" for x in b.content) + "</ul>"
+            )
+        elif b.kind == "table":
+            body.append(html.table_html(b.content))
+        elif b.kind == "kv":
+            body.append(html.key_values_html(b.content, b.extra or ("Field", "Value")))
+        elif b.kind == "figure":
+            png, caption = b.content
+            body.append(html.figure_html(png, caption))
+    return html.page(title, body)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def _analyze(matrix: pd.DataFrame, reference: str, res: Results, practical: float, **kw):
+    if matrix.shape[1] < 2 or matrix.shape[0] < 1 or reference not in matrix.columns:
+        return None
+    return stats.analyze(
+        matrix, reference, higher_is_better=res.higher_is_better, practical=practical, **kw
+    )
+
+
+def _verdict_items(comp: stats.Comparison, dec: int) -> list[str]:
+    items = []
+    for _, r in comp.vs_reference.iterrows():
+        wins = f"better in {round(r['win_rate'] * r['n'])}/{r['n']} blocks"
+        delta = tables.fmt_ci(r["delta"], r["ci_low"], r["ci_high"], dec)
+        if r["too_few"]:
+            items.append(f"**{r['a']}** vs {r['b']}: Δ = {delta}, {wins}: {r['verdict']}.")
+            continue
+        items.append(
+            f"**{r['a']}** vs {r['b']}: Δ = {delta}, r = {tables.fmt_num(r['r_rb'], 2, True)}, "
+            f"{wins}, {int(r['n_zero'])} zero difference(s), "
+            f"{tables.p_text(r['p_holm'], 'Holm p')} → **{r['verdict']}**."
+        )
+    return items
+
+
+def _omnibus_text(comp: stats.Comparison, what: str) -> str:
+    fr = comp.friedman
+    head = f"{what}: N = {comp.n} blocks, k = {comp.k} methods."
+    if comp.too_few:
+        return (
+            f"{head} {stats.TOO_FEW.capitalize()}: {tables.too_few_text(comp.n, comp.k, comp.alpha)}, so no "
+            "p-values are reported; the numbers are descriptive only."
+        )
+    if not fr.available:
+        return f"{head} {fr.note}; the Wilcoxon signed-rank test is the only test."
+    return (
+        f"{head} Friedman χ²({fr.k - 1}) = {fr.chi2:.2f}, {tables.p_text(fr.p)}; "
+        f"Iman–Davenport F({fr.k - 1}, {(fr.k - 1) * (fr.n - 1)}) = {fr.f:.2f}, "
+        f"{tables.p_text(fr.f_p)} — "
+        + (
+            "the methods differ; post hoc tests follow."
+            if fr.significant(comp.alpha)
+            else f"{stats.NO_EVIDENCE} between the methods (post hoc verdicts are gated on it)."
+        )
+        + f" Nemenyi reference: q₀.₀₅ = {comp.nemenyi_q:.3f}, CD = {comp.nemenyi_cd:.2f}."
+    )
+
+
+# --------------------------------------------------------------------------- appendix
+
+
+def _distinct(values: Iterable[Any]) -> str:
+    seen: list[str] = []
+    for v in values:
+        s = v if isinstance(v, str) else json.dumps(v, sort_keys=True, default=str)
+        if s not in seen:
+            seen.append(s)
+    return " | ".join(seen) if seen else "–"
+
+
+def _appendix(res: Results, notes: list[str]) -> list[Block]:
+    mf = data.manifest_frame(res)
+    blocks = [Block("h2", "Appendix: protocol and environment")]
+    if mf.empty:
+        return blocks + [Block("p", "No manifests.")]
+    rows: list[tuple[str, str]] = []
+    for d, g in mf.groupby("dataset"):
+        rows.append((f"{d}: protocol", _distinct(g["protocol"])))
+        rows.append((f"{d}: model", _distinct(g["model"])))
+        rows.append((f"{d}: data fingerprint", _distinct(g["data_fingerprint"])))
+        for col, what in (("protocol", "protocols"), ("data_fingerprint", "data fingerprints")):
+            if g[col].nunique() > 1:
+                notes.append(f"{d}: the runs have different {what}; check the comparison is fair.")
+    versions: dict[str, list[str]] = {}
+    for m in res.manifests:
+        for k, v in (m.get("versions") or {}).items():
+            versions.setdefault(k, [])
+            if str(v) not in versions[k]:
+                versions[k].append(str(v))
+    rows += [(f"version: {k}", " | ".join(v)) for k, v in sorted(versions.items())]
+    rows += [
+        ("device", _distinct(mf["device"].astype(str))),
+        ("threads", _distinct(mf["threads"].astype(str))),
+        ("git", _distinct(mf["git"])),
+        ("runs", str(len(mf))),
+        ("total compute time", f"{pd.to_numeric(mf['total_s'], errors='coerce').sum() / 3600:.2f} h"),
+        ("peak memory (max)", f"{pd.to_numeric(mf['peak_memory_mb'], errors='coerce').max():.0f} MB"),
+    ]  # fmt: skip
+    blocks.append(Block("kv", rows))
+    cfg = []
+    for (d, m, lab), g in mf.groupby(["dataset", "method", "label"]):
+        cfg.append((f"{d} / {m} / {lab}", f"params {_distinct(g['params'])}; budget "
+                    f"{_distinct(g['budget'])}; seeds {', '.join(map(str, sorted(g['seed'])))}"))  # fmt: skip
+    blocks += [Block("h3", "Configurations"), Block("kv", cfg, ("Run group", "Configuration"))]
+    per = (
+        mf.assign(
+            total_s=pd.to_numeric(mf["total_s"], errors="coerce"),
+            peak_memory_mb=pd.to_numeric(mf["peak_memory_mb"], errors="coerce"),
+        )
+        .groupby(["dataset", "method", "label"])
+        .agg(runs=("run_key", "count"), time_s=("total_s", "mean"), mem=("peak_memory_mb", "max"))
+    )
+    cost = [
+        (f"{d} / {m} / {lab}", f"{r.runs} runs, {r.time_s:.1f} s per run, peak {r.mem:.0f} MB")
+        for (d, m, lab), r in per.iterrows()
+    ]
+    blocks += [Block("h3", "Cost"), Block("kv", cost, ("Run group", "Time and memory"))]
+    return blocks
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def build_report(
+    run_dir: str | Path,
+    out: str | Path | None = None,
+    reference: str | None = None,
+    metric: str = "dice",
+    practical: float = stats.PRACTICAL,
+) -> Path:
+    """Build the report of every finished run under ``run_dir``; returns the report folder.
+
+    ``out`` defaults to ``run_dir / "report"`` (replaced on each build). ``reference`` defaults to
+    "fedavg" when present, else the first method. ``metric`` is one of dice, iou, hd95, assd
+    (hd95/assd: lower is better; pass a ``practical`` threshold in their units, e.g. mm).
+    """
+    run_dir = Path(run_dir)
+    out = Path(out) if out is not None else run_dir / "report"
+    res = data.load(run_dir, metric)
+    all_methods = res.methods()
+    if reference is None:
+        reference = "fedavg" if "fedavg" in all_methods else all_methods[0]
+    elif reference not in all_methods:
+        raise ReportError(f"reference {reference!r} is not one of the methods {all_methods}")
+    methods = res.methods(reference)
+    hib, dec = res.higher_is_better, res.decimals
+    notes = res.notes
+
+    for sub in ("tables", "figures"):
+        shutil.rmtree(out / sub, ignore_errors=True)
+    (out / "tables").mkdir(parents=True, exist_ok=True)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------------ statistics
+    scores = res.headline()
+    matrix = data.block_matrix(scores, methods, notes)
+    overall = _analyze(matrix, reference, res, practical)
+    per_dataset: dict[str, stats.Comparison | None] = {}
+    for d in res.datasets:
+        # within a dataset, use the methods that ran on it (a method missing elsewhere only
+        # removes blocks from the overall comparison, not from this one)
+        sd = scores[scores["dataset"] == d]
+        sub = data.block_matrix(sd, [m for m in methods if m in set(sd["method"])])
+        sub = sub.droplevel("dataset") if not sub.empty else sub
+        per_dataset[d] = _analyze(sub, reference, res, practical, bayes=False)
+
+    # ------------------------------------------------------------------ tables
+    main = tables.main_table(res, methods, overall, per_dataset, reference, practical)
+    ds_tables = [
+        tables.dataset_table(res, d, methods, per_dataset[d], reference, practical)
+        for d in res.datasets
+    ]
+    st_tables = [t for d in res.datasets if (t := tables.structure_table(res, d, methods))]
+    comp_t = tables.comparison_table(overall, res) if overall is not None else None
+    pairs_t = tables.pairs_table(overall, res) if overall is not None and overall.k > 2 else None
+    perds_t = tables.per_dataset_table(per_dataset, res, reference)
+    tvd_t = tables.tuned_default_table(res, practical)
+    all_tables = [
+        t for t in [main, *ds_tables, *st_tables, comp_t, pairs_t, perds_t, tvd_t]
+        if t is not None and not t.cells.empty
+    ]  # fmt: skip
+    tex_files = latex.write_tables(all_tables, out / "tables")
+    (out / "tables" / "all_tables.tex").write_text(latex.document(tex_files), encoding="utf-8")
+    matrix.reset_index().to_csv(out / "tables" / "blocks.csv", index=False)
+    if overall is not None:
+        overall.vs_reference.to_csv(out / "tables" / "comparison.csv", index=False)
+        overall.pairs.to_csv(out / "tables" / "pairs.csv", index=False)
+
+    # ------------------------------------------------------------------ figures
+    colors = figures.palette(methods)
+    figs: dict[str, tuple[Path, str]] = {}
+    cd_how = None
+    if overall is not None and overall.k >= 2 and overall.n >= 2:
+        fig, cd_how = figures.cd_figure(overall, colors)
+        figs["cd"] = (
+            figures.save(fig, out / "figures", "cd_diagram"),
+            f"Critical-difference diagram: mean rank of each method over N = {overall.n} blocks "
+            f"(dataset, client), k = {overall.k}, test {res.metric_label} (1 = best). Crossbars "
+            f"join methods without a significant difference (Wilcoxon signed-rank, Holm-adjusted "
+            f"p < {overall.alpha:g} and |Δ| > {practical:g}); the CD bar is the Nemenyi critical "
+            f"difference (α = 0.05, CD = {overall.nemenyi_cd:.2f}) for reference only.",
+        )
+    conv, conv_metric = data.convergence(res)
+    fig = figures.convergence_figure(conv, methods, colors, data.metric_info(conv_metric)[2])
+    if fig is not None:
+        figs["convergence"] = (
+            figures.save(fig, out / "figures", "convergence"),
+            f"Validation {data.metric_info(conv_metric)[2]} (client-macro, mean over structures) "
+            "against the round: mean over seeds with a 95% t confidence interval over seeds.",
+        )
+    blocks_long = matrix.stack().rename("value").reset_index().rename(columns={"level_2": "method"})
+    blocks_long.columns = ["dataset", "client", "method", "value"]
+    fig = figures.distribution_figure(blocks_long, methods, colors, res.metric_label)
+    if fig is not None:
+        figs["distributions"] = (
+            figures.save(fig, out / "figures", "client_distributions"),
+            f"Per-client test {res.metric_label} ({tables.direction(hib)}): one point per client "
+            "(mean over seeds), box = quartiles over the clients of a dataset.",
+        )
+    fig = figures.heatmap_figure(matrix, res.metric_label, hib)
+    if fig is not None:
+        figs["heatmap"] = (
+            figures.save(fig, out / "figures", "heatmap"),
+            f"Method × site test {res.metric_label} (mean over seeds).",
+        )
+    agg = data.client_aggregates(scores, hib)
+    macro = agg.groupby(["dataset", "method"]).agg(
+        mean=("macro", "mean"), std=("macro", "std"), worst=("worst", "mean")
+    )
+    comm = data.communication(res)
+    if not comm.empty:
+        by = comm.groupby(["dataset", "method"])["bytes"].mean()
+        bdf = macro.join(by, how="inner").reset_index()
+        fig = figures.bytes_figure(bdf, methods, colors, res.metric_label)
+        if fig is not None:
+            figs["bytes"] = (
+                figures.save(fig, out / "figures", "accuracy_vs_bytes"),
+                f"Client-macro test {res.metric_label} against the total bytes communicated per "
+                "run (uploads + downloads over all rounds and clients), mean over seeds; error "
+                "bars: standard deviation over seeds.",
+            )
+    fdf = macro.reset_index().rename(columns={"mean": "macro"})
+    fig = figures.fairness_figure(fdf, methods, colors, res.metric_label, hib)
+    if fig is not None:
+        figs["fairness"] = (
+            figures.save(fig, out / "figures", "fairness"),
+            f"Fairness: worst-client against client-macro test {res.metric_label} per dataset "
+            "and method (mean over seeds); the dashed line is worst = mean.",
+        )
+
+    # ------------------------------------------------------------------ document
+    seeds = res.seeds()
+    doc: list[Block] = [
+        Block("h1", "pflbench report"),
+        Block(
+            "ul",
+            [
+                f"Results: `{run_dir / 'results'}` ({len(res.manifests)} finished runs)",
+                f"Datasets: {', '.join(res.datasets)}; methods: {', '.join(methods)}; "
+                f"{tables.seeds_text(seeds)}",
+                f"Metric: test {res.metric_label} ({tables.direction(hib)}) of the selected "
+                "(best-validation) checkpoint; client score = mean over the client's test cases "
+                "(each the mean over structures), block = (dataset, client), block score = mean "
+                "over seeds",
+                f"Reference: {reference}; practical threshold |Δ| > {practical:g}; α = 0.05 "
+                "(Holm-adjusted)",
+                "Configuration shown per method (tuned > fixed > default): "
+                + ", ".join(
+                    f"{m} = {'/'.join(sorted({res.headline_label[(d, mm)] for d, mm in res.headline_label if mm == m}))}"
+                    for m in methods
+                ),
+            ],
+        ),
+        Block("h2", "Main results"),
+        Block("table", main),
+    ]
+    doc.append(Block("h2", "Statistical comparison over all datasets"))
+    if overall is None:
+        doc.append(Block("p", "No comparison: fewer than two methods or no complete block."))
+    else:
+        doc.append(Block("p", _omnibus_text(overall, "All datasets")))
+        doc.append(Block("ul", _verdict_items(overall, dec)))
+        doc.append(Block("p", tables._wording(overall)))
+        doc += [Block("table", comp_t)]
+        if "cd" in figs:
+            doc.append(Block("figure", figs["cd"]))
+        if pairs_t is not None:
+            doc += [Block("h3", "All pairs"), Block("table", pairs_t)]
+    doc.append(Block("h2", "Per dataset"))
+    for d, t in zip(res.datasets, ds_tables, strict=True):
+        doc += [Block("h3", d), Block("table", t)]
+        st = next((s for s in st_tables if s.name == f"structures_{tables._slug(d)}"), None)
+        if st is not None:
+            doc.append(Block("table", st))
+        comp = per_dataset[d]
+        if comp is not None:
+            doc.append(Block("p", _omnibus_text(comp, f"Tests within {d} (blocks = clients)")))
+            if not comp.too_few:
+                doc.append(Block("ul", _verdict_items(comp, dec)))
+    if not perds_t.cells.empty:
+        doc += [Block("h3", "Tests within each dataset"), Block("table", perds_t)]
+    doc.append(Block("h2", "Figures"))
+    for key in ("convergence", "distributions", "heatmap", "bytes", "fairness"):
+        if key in figs:
+            doc.append(Block("figure", figs[key]))
+    if tvd_t is not None:
+        doc += [Block("h2", "Tuned vs default configuration"), Block("table", tvd_t)]
+    appendix = _appendix(res, notes)
+    if notes:
+        doc += [Block("h2", "Notes")] + [Block("note", n) for n in notes]
+    doc += appendix
+    doc.append(
+        Block(
+            "p",
+            "Files: `tables/*.tex` (booktabs; `tables/all_tables.tex` compiles them), "
+            "`figures/*.pdf|png`, `tables/*.csv` (blocks and test results). CD diagram drawn "
+            f"with {cd_how or 'n/a'}.",
+        )
+    )
+    (out / "report.md").write_text(render_markdown(doc), encoding="utf-8")
+    (out / "report.html").write_text(render_html(doc, "pflbench report"), encoding="utf-8")
+    return out

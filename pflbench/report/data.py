@@ -1,0 +1,271 @@
+"""From the tidy results to the numbers a report shows (evaluation reference §1).
+
+Only :func:`pflbench.results.load_results` / :func:`~pflbench.results.load_manifests` are read.
+Unit of analysis: case → client score per seed (mean over the client's test cases, each case the
+mean over structures for the headline) → block score (mean over seeds), with blocks = (dataset,
+client). Cases are never pooled across clients or seeds.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pflbench.results import load_manifests, load_results
+
+METRICS = {
+    # name: (higher is better, decimals shown, label)
+    "dice": (True, 3, "Dice"),
+    "iou": (True, 3, "IoU"),
+    "hd95": (False, 2, "HD95"),
+    "assd": (False, 2, "ASSD"),
+}
+LABEL_PRIORITY = ("tuned", "fixed", "default")  # the headline label of a (dataset, method)
+RUN = ["dataset", "method", "label", "seed"]
+
+
+class ReportError(ValueError):
+    """The results folder cannot give a report (no finished runs, unknown metric, ...)."""
+
+
+def metric_info(metric: str) -> tuple[bool, int, str]:
+    try:
+        return METRICS[metric]
+    except KeyError:
+        raise ReportError(f"unknown metric {metric!r}; expected one of {sorted(METRICS)}") from None
+
+
+@dataclass
+class Results:
+    """The tidy tables of every finished run under a folder, and the derived scores."""
+
+    cases: pd.DataFrame
+    rounds: pd.DataFrame
+    comm: pd.DataFrame
+    manifests: list[dict[str, Any]]
+    metric: str = "dice"
+    notes: list[str] = field(default_factory=list)
+
+    # ---------------------------------------------------------------- derived, set by load()
+    client_scores: pd.DataFrame = field(default_factory=pd.DataFrame)  # all labels
+    structure_scores: pd.DataFrame = field(default_factory=pd.DataFrame)  # all labels
+    headline_label: dict[tuple[str, str], str] = field(default_factory=dict)
+
+    @property
+    def higher_is_better(self) -> bool:
+        return metric_info(self.metric)[0]
+
+    @property
+    def decimals(self) -> int:
+        return metric_info(self.metric)[1]
+
+    @property
+    def metric_label(self) -> str:
+        return metric_info(self.metric)[2]
+
+    @property
+    def datasets(self) -> list[str]:
+        return sorted(self.headline()["dataset"].unique())
+
+    def methods(self, reference: str | None = None) -> list[str]:
+        """Headline methods: the reference first, then alphabetical."""
+        ms = sorted(self.headline()["method"].unique())
+        if reference in ms:
+            ms.remove(reference)
+            ms.insert(0, reference)
+        return ms
+
+    def sites(self, dataset: str) -> list[str]:
+        """Sites of a dataset in manifest order (then any others seen in the results)."""
+        order: list[str] = []
+        for m in self.manifests:
+            if m.get("dataset") == dataset:
+                for s in m.get("sites") or []:
+                    if s not in order:
+                        order.append(str(s))
+        seen = self.client_scores.loc[self.client_scores["dataset"] == dataset, "client"]
+        order += sorted(set(seen.astype(str)) - set(order))
+        return [s for s in order if s in set(seen.astype(str))]
+
+    def seeds(self, dataset: str | None = None) -> list[int]:
+        h = self.headline()
+        if dataset is not None:
+            h = h[h["dataset"] == dataset]
+        return sorted(h["seed"].unique().tolist())
+
+    def headline(self, scores: pd.DataFrame | None = None) -> pd.DataFrame:
+        """Rows of the headline label of each (dataset, method) (tuned > fixed > default)."""
+        s = self.client_scores if scores is None else scores
+        if s.empty:
+            return s
+        want = pd.Series(self.headline_label, dtype=object)
+        want = want.reindex(pd.MultiIndex.from_frame(s[["dataset", "method"]])).to_numpy()
+        return s[s["label"].to_numpy(dtype=object) == want]
+
+
+def load(run_dir: str | Path, metric: str = "dice") -> Results:
+    """Read the tidy tables of the finished runs under ``run_dir`` and compute client scores."""
+    metric_info(metric)
+    cases = load_results(run_dir, "cases")
+    if cases.empty or "selection" not in cases.columns:
+        raise ReportError(f"no finished runs with results under {Path(run_dir) / 'results'}")
+    res = Results(
+        cases=cases,
+        rounds=load_results(run_dir, "rounds"),
+        comm=load_results(run_dir, "comm"),
+        manifests=load_manifests(run_dir),
+        metric=metric,
+    )
+    if metric not in cases.columns:
+        raise ReportError(f"the cases table has no {metric!r} column")
+    res.client_scores, res.structure_scores = client_scores(cases, metric, res.notes)
+    if res.client_scores.empty:
+        raise ReportError("no test cases of the selected (best) checkpoint in the results")
+    labels = res.client_scores.groupby(["dataset", "method"])["label"].agg(set)
+    for key, labs in labels.items():
+        pick = next((lab for lab in LABEL_PRIORITY if lab in labs), sorted(map(str, labs))[0])
+        res.headline_label[key] = pick
+    return res
+
+
+def client_scores(
+    cases: pd.DataFrame, metric: str, notes: list[str] | None = None
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Client score per (dataset, method, label, seed, client): headline and per structure.
+
+    Headline: mean over the client's test cases of the per-case mean over structures.
+    Per structure: mean over the client's test cases of that structure. Non-finite values (an
+    empty prediction's HD95) are left out of the means and counted in ``notes``.
+    """
+    c = cases[(cases["selection"] == "best") & (cases["split"] == "test")].copy()
+    structs = set(c["structure"].unique())
+    if "mean" in structs and len(structs) > 1:  # never average a precomputed mean twice
+        c = c[c["structure"] != "mean"]
+    v = pd.to_numeric(c[metric], errors="coerce").astype(float)
+    bad = int((~np.isfinite(v)).sum())
+    if bad and notes is not None:
+        notes.append(
+            f"{bad} of {len(v)} case × structure values of {metric} are not finite "
+            "(e.g. an empty prediction) and are left out of the means."
+        )
+    c["value"] = v.where(np.isfinite(v))
+    c["client"] = c["client"].astype(str)
+    keys = RUN + ["client"]
+    per_case = c.groupby(keys + ["case_id"], dropna=False)["value"].mean()
+    headline = per_case.groupby(level=keys, dropna=False).mean().rename("value").reset_index()
+    per_struct = (
+        c.groupby(keys + ["structure"], dropna=False)["value"].mean().rename("value").reset_index()
+    )
+    return headline.dropna(subset=["value"]), per_struct.dropna(subset=["value"])
+
+
+# ------------------------------------------------------------------------------- aggregations
+
+
+def seed_summary(values: pd.DataFrame, by: list[str]) -> pd.DataFrame:
+    """Mean, std (ddof=1; NaN with one seed) and number of seeds of ``value`` over seeds."""
+    g = values.groupby(by, dropna=False)["value"]
+    out = g.agg(mean="mean", std="std", n_seeds="count").reset_index()
+    return out
+
+
+def client_aggregates(scores: pd.DataFrame, higher_is_better: bool) -> pd.DataFrame:
+    """Per (dataset, method, label, seed): client-macro mean, worst client and SD across clients."""
+    g = scores.groupby(RUN, dropna=False)["value"]
+    worst = g.max() if not higher_is_better else g.min()
+    out = pd.DataFrame(
+        {"macro": g.mean(), "worst": worst, "client_sd": g.std(ddof=1), "n_clients": g.count()}
+    )
+    return out.reset_index()
+
+
+def block_matrix(
+    scores: pd.DataFrame, methods: list[str] | None = None, notes: list[str] | None = None
+) -> pd.DataFrame:
+    """Blocks (dataset, client) × methods matrix of the mean over seeds; incomplete blocks dropped."""
+    m = scores.groupby(["dataset", "client", "method"])["value"].mean().unstack("method")
+    if methods is not None:
+        m = m.reindex(columns=[x for x in methods if x in m.columns])
+    incomplete = m.isna().any(axis=1)
+    if incomplete.any() and notes is not None:
+        notes.append(
+            f"{int(incomplete.sum())} block(s) without a result for every method were left out of "
+            f"the tests: {', '.join('/'.join(map(str, i)) for i in m.index[incomplete])}."
+        )
+    m = m[~incomplete]
+    m.columns.name = None
+    return m
+
+
+def convergence(res: Results) -> tuple[pd.DataFrame, str]:
+    """Validation curve per (dataset, method, seed, round): client-macro of the chosen metric.
+
+    Uses Dice (or IoU when that is the report metric) with structure "mean" from the rounds table.
+    """
+    metric = "iou" if res.metric == "iou" else "dice"
+    r = res.rounds
+    if r.empty or "split" not in r.columns:
+        return pd.DataFrame(columns=RUN + ["round", "value"]), metric
+    r = r[(r["split"] == "val") & (r["metric"] == metric) & (r["structure"] == "mean")]
+    r = res.headline(r)
+    out = (
+        r.groupby(RUN + ["round"], dropna=False)["value"].mean().reset_index()
+        if not r.empty
+        else pd.DataFrame(columns=RUN + ["round", "value"])
+    )
+    return out, metric
+
+
+def communication(res: Results) -> pd.DataFrame:
+    """Total bytes (up + down, all rounds and clients) per run from the comm table."""
+    c = res.comm
+    if c.empty or "bytes_up" not in c.columns:
+        return pd.DataFrame(columns=RUN + ["bytes"])
+    c = res.headline(c)
+    tot = c.groupby(RUN, dropna=False)[["bytes_up", "bytes_down"]].sum()
+    return (tot["bytes_up"] + tot["bytes_down"]).rename("bytes").reset_index()
+
+
+# ------------------------------------------------------------------------------- manifests
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, dict | list):
+        return json.dumps(v, sort_keys=True, default=str)
+    return str(v)
+
+
+def manifest_frame(res: Results) -> pd.DataFrame:
+    """One row per run with the manifest fields the appendix shows (flattened to text)."""
+    rows = []
+    for m in res.manifests:
+        git = m.get("git") or {}
+        timings = m.get("timings") or {}
+        rows.append(
+            {
+                "run_key": m.get("run_key"),
+                "dataset": m.get("dataset"),
+                "method": m.get("method"),
+                "label": m.get("label"),
+                "seed": m.get("seed"),
+                "params": _fmt(m.get("params", {})),
+                "protocol": _fmt(m.get("protocol", {})),
+                "model": _fmt(m.get("model", {})),
+                "budget": _fmt(m.get("budget", {})),
+                "data_fingerprint": m.get("data_fingerprint"),
+                "device": m.get("device"),
+                "threads": m.get("threads"),
+                "git": f"{git.get('sha', '?')}{' (dirty)' if git.get('dirty') else ''}",
+                "total_s": timings.get("total_s"),
+                "peak_memory_mb": m.get("peak_memory_mb"),
+                "bytes_up": m.get("bytes_up"),
+                "bytes_down": m.get("bytes_down"),
+                "versions": _fmt(m.get("versions", {})),
+            }
+        )
+    return pd.DataFrame(rows)

@@ -1,0 +1,338 @@
+"""Report generator on fabricated tidy results (written with pflbench.results.write_run).
+
+Golden .tex files live in tests/golden/; regenerate them with
+``PFLBENCH_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_report.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pflbench import stats
+from pflbench.report import ReportError, build_report
+from pflbench.report import latex as rlatex
+from pflbench.report import tables as rtables
+from pflbench.results import RunRecords, write_run
+
+GOLDEN = Path(__file__).parent / "golden"
+UPDATE = os.environ.get("PFLBENCH_UPDATE_GOLDEN") == "1"
+
+# 3 datasets with 5 + 6 + 7 sites = 18 blocks; planted effects on the client scores
+DATASETS = {"prostate": 5, "fundus": 6, "polyp_x": 7}
+EFFECTS = {"fedavg": 0.0, "fedprox": 0.0, "ditto": 0.06, "fed_rep": 0.03, "local": -0.04}
+STRUCTS = ["gland", "zone_b"]
+
+
+def fabricate(
+    out: Path,
+    datasets: dict[str, int] = DATASETS,
+    effects: dict[str, float] = EFFECTS,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    rounds: int = 4,
+    cases: int = 3,
+    tuned: tuple[str, ...] = ("ditto",),
+) -> None:
+    """Write one finished run per (dataset, method, label, seed) with planted differences."""
+    rng = np.random.default_rng(12345)
+    site_base = {d: rng.uniform(0.62, 0.85, n) for d, n in datasets.items()}
+    inter = {(d, m): rng.normal(0, 0.004, n) for d, n in datasets.items() for m in effects}
+    for d, n in datasets.items():
+        sites = [f"site_{chr(65 + i)}" for i in range(n)]
+        for m, eff in effects.items():
+            labels = [("tuned", 0.0), ("default", -0.02)] if m in tuned else [("fixed", 0.0)]
+            for label, shift in labels:
+                for seed in seeds:
+                    r = np.random.default_rng(zlib.crc32(f"{d}|{m}|{label}|{seed}".encode()))
+                    base = site_base[d] + inter[(d, m)] + eff + shift + r.normal(0, 0.004, n)
+                    _write(out, d, sites, m, label, seed, base, r, rounds, cases)
+
+
+def _write(out, d, sites, m, label, seed, base, r, rounds, cases):
+    rows_c, rows_r, rows_comm = [], [], []
+    for i, site in enumerate(sites):
+        for c in range(cases):
+            for s_i, st in enumerate(STRUCTS):
+                v = float(np.clip(base[i] + (0.02 if s_i else -0.02) + r.normal(0, 0.01), 0, 1))
+                for sel in ("best", "last"):
+                    rows_c.append(
+                        dict(
+                            selection=sel, round=rounds, client=site, split="test",
+                            case_id=f"{site}-{c}", structure=st, dice=v, iou=v / (2 - v),
+                            hd95=(1 - v) * 40 if sel == "best" else 99.0, assd=(1 - v) * 10,
+                        )
+                    )  # fmt: skip
+        for rd in range(1, rounds + 1):
+            frac = 1 - 0.5**rd
+            for split in ["val", "test"] if rd == rounds else ["val"]:
+                for st in [*STRUCTS, "mean"]:
+                    val = float(base[i] * frac + r.normal(0, 0.005))
+                    for metric, x in (("dice", val), ("iou", val / (2 - val)), ("loss", 1 - val)):
+                        rows_r.append(
+                            dict(round=rd, client=site, split=split, structure=st,
+                                 metric=metric, value=x)
+                        )  # fmt: skip
+            b = 0 if m == "local" else (150_000 if m == "fed_rep" else 200_000)
+            rows_comm.append(
+                dict(round=rd, client=site, bytes_up=b, bytes_down=b, sampled=True)
+            )  # fmt: skip
+    key = f"{d}-{m}-{label}-s{seed}"
+    manifest = dict(
+        run_key=key, dataset=d, method=m, label=label, seed=seed,
+        params={"lr": 0.003 if label == "tuned" else 0.01, "local_epochs": 1},
+        protocol={"rounds": rounds, "eval_every": 1}, model={"name": "unet", "width": 8},
+        data_fingerprint=f"fp-{d}", versions={"torch": "2.5.0", "pflbench": "0.1.0"},
+        threads=2, device="cpu", git={"sha": "abc1234", "dirty": False},
+        timings={"total_s": 12.5}, peak_memory_mb=512.0, budget={"trials": 0},
+        bytes_up=0, bytes_down=0, sites=sites, structures=STRUCTS,
+        finished_at="2026-01-01T00:00:00",
+    )  # fmt: skip
+    write_run(
+        out,
+        key,
+        RunRecords(pd.DataFrame(rows_r), pd.DataFrame(rows_comm), pd.DataFrame(rows_c), manifest),
+    )
+
+
+# ---------------------------------------------------------------------------------- fixtures
+
+_OPENED: list[str] | None = None
+
+
+def _audit(event: str, args: tuple) -> None:
+    if _OPENED is not None and event == "open" and isinstance(args[0], str | bytes | os.PathLike):
+        _OPENED.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_audit)  # inert unless a test sets _OPENED
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, Path, list[str]]:
+    """Fabricated runs plus things a report must never need, and the report built from them."""
+    global _OPENED
+    run_dir = tmp_path_factory.mktemp("run")
+    fabricate(run_dir)
+    # not tidy results: must be ignored (no model files are needed, unfinished runs are skipped)
+    (run_dir / "checkpoints").mkdir()
+    (run_dir / "checkpoints" / "model.pt").write_bytes(b"not a model")
+    junk = run_dir / "results" / "prostate-sneaky-fixed-s0"
+    junk.mkdir()
+    (junk / "cases.parquet").write_bytes(b"garbage")
+    (junk / "manifest.json").write_text("{ not json")  # no DONE: an unfinished run
+    _OPENED = []
+    try:
+        out = build_report(run_dir)
+    finally:
+        opened, _OPENED = _OPENED, None
+    return run_dir, out, opened
+
+
+# ---------------------------------------------------------------------------------- tests
+
+
+def test_every_output_exists(built):
+    run_dir, out, _ = built
+    assert out == run_dir / "report"
+    assert (out / "report.md").stat().st_size > 0 and (out / "report.html").stat().st_size > 0
+    tex = {p.stem for p in (out / "tables").glob("*.tex")}
+    expected = {"main", "comparison", "pairs", "per_dataset", "tuned_vs_default"}
+    expected |= {f"dataset_{d}" for d in DATASETS} | {f"structures_{d}" for d in DATASETS}
+    assert expected <= tex
+    figs = ["cd_diagram", "convergence", "client_distributions", "heatmap"]
+    figs += ["accuracy_vs_bytes", "fairness"]
+    for f in figs:
+        for ext in ("pdf", "png"):
+            p = out / "figures" / f"{f}.{ext}"
+            assert p.exists() and p.stat().st_size > 1000, p
+    for f in ("blocks", "comparison", "pairs"):
+        assert (out / "tables" / f"{f}.csv").exists()
+
+
+def test_html_is_self_contained_with_every_figure(built):
+    _, out, _ = built
+    html = (out / "report.html").read_text(encoding="utf-8")
+    n_png = len(list((out / "figures").glob("*.png")))
+    imgs = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', html)
+    assert len(imgs) == n_png == 6
+    assert all(base64.b64decode(x)[:8] == b"\x89PNG\r\n\x1a\n" for x in imgs)
+    # no external assets
+    assert not re.search(r'(src|href)="(?!data:)', html)
+    assert "<link" not in html and "<script" not in html
+
+
+def test_planted_best_bold_second_underlined(built):
+    _, out, _ = built
+    main = (out / "tables" / "main.tex").read_text()
+    row = {ln.split(" & ")[0]: ln for ln in main.splitlines() if " & " in ln}
+    assert "booktabs" not in main and r"\toprule" in main and r"\bottomrule" in main
+    for d in DATASETS:
+        assert d.replace("_", r"\_") in row["Method"]
+    assert row["ditto"].count(r"\textbf{") == len(DATASETS) + 1  # every dataset + mean rank
+    assert row["fed\\_rep"].count(r"\underline{") == len(DATASETS) + 1
+    assert r"\textbf" not in row["fedavg"] and r"\underline" not in row["fedavg"]
+    assert r"$^{\blacktriangle}$" in row["ditto"] and r"$^{\blacktriangledown}$" in row["local"]
+    assert r"\pm" in row["ditto"] and "polyp\\_x" in main  # escaped labels
+    assert "3 seeds" in main and "N = 18" in main and "k = 5" in main and r"\uparrow" in main
+    ds = (out / "tables" / "dataset_fundus.tex").read_text()
+    row = {ln.split(" & ")[0]: ln for ln in ds.splitlines() if " & " in ln}
+    assert row["ditto"].count(r"\textbf{") >= 8  # 6 sites + macro + worst
+
+
+def test_markdown_wording(built):
+    _, out, _ = built
+    md = (out / "report.md").read_text(encoding="utf-8")
+    line = next(ln for ln in md.splitlines() if ln.startswith("- **fedprox** vs fedavg"))
+    assert stats.NO_EVIDENCE in line and "significant (" not in line
+    line = next(ln for ln in md.splitlines() if ln.startswith("- **ditto** vs fedavg"))
+    assert "**significant (better)**" in line
+    line = next(ln for ln in md.splitlines() if ln.startswith("- **local** vs fedavg"))
+    assert "**significant (worse)**" in line
+    # per-dataset tests with too few blocks say so and print no p-values
+    assert "Tests within prostate (blocks = clients): N = 5 blocks" in md
+    para = next(ln for ln in md.splitlines() if ln.startswith("Tests within prostate"))
+    assert stats.TOO_FEW in para.lower() and "Holm p" not in para
+    assert "Friedman χ²(4)" in md and "Iman–Davenport" in md
+    assert "Tuned vs default" in md and "Appendix: protocol and environment" in md
+    assert "sneaky" not in md  # the unfinished run is not part of the report
+
+
+def test_reads_only_tidy_results(built):
+    run_dir, out, opened = built
+    allowed = {"rounds.parquet", "comm.parquet", "cases.parquet", "manifest.json"}
+    root = run_dir.resolve()
+    inside = [Path(p).resolve() for p in opened if Path(p).resolve().is_relative_to(root)]
+    assert any(p.name == "manifest.json" for p in inside)  # the hook does see the reads
+    for p in inside:
+        if p.is_relative_to(out.resolve()):
+            continue  # what the report writes (and embeds)
+        rel = p.relative_to(root)
+        assert rel.parts[0] == "results" and rel.name in allowed, rel
+        assert "sneaky" not in str(rel)
+    assert not any("checkpoints" in p for p in opened)
+
+
+def test_cd_diagram_without_scikit_posthocs(monkeypatch, tmp_path):
+    from pflbench.report import figures
+
+    monkeypatch.setitem(sys.modules, "scikit_posthocs", None)  # import fails: own drawing
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.6, 0.9, 12)
+    m = pd.DataFrame({"fedavg": base, "ditto": base + 0.05, "local": base - 0.001})
+    comp = stats.analyze(m, n_resamples=0, bayes=False)
+    fig, how = figures.cd_figure(comp, figures.palette(list(m.columns)))
+    assert how == "matplotlib"
+    assert figures.cliques(["ditto", "fedavg", "local"], comp.sig_matrix) == [["fedavg", "local"]]
+    png = figures.save(fig, tmp_path, "cd")
+    assert png.stat().st_size > 1000 and (tmp_path / "cd.pdf").exists()
+
+
+def test_golden_tables_from_fabricated_runs(built):
+    _, out, _ = built
+    for name in ("main", "dataset_prostate"):
+        _check_golden(name, (out / "tables" / f"{name}.tex").read_text())
+
+
+def test_golden_ties_escaping_and_markers():
+    raw = pd.DataFrame(
+        {"site_1": [0.85141, 0.85061, 0.84949, 0.7], "HD95 (mm)": [3.21, 3.24, 3.21, 9.0]},
+        index=["fed_avg & co", "50% ditto", "#local", "x^2 naïve-α ☃"],
+    )
+    cells = raw.copy().astype(object)
+    cells["site_1"] = [rtables.fmt_mean_std(v, 0.0123, 3) for v in raw["site_1"]]
+    cells["HD95 (mm)"] = [rtables.fmt_mean_std(v, 0.5, 1) for v in raw["HD95 (mm)"]]
+    bold, under = rtables.rank_marks(raw, {"site_1": 3, "HD95 (mm)": 1}, ["HD95 (mm)"])
+    # 0.85141 and 0.85061 both show 0.851: tied best; 0.849 second; HD95 3.21/3.24 show 3.2
+    assert bold["site_1"].tolist() == [True, True, False, False]
+    assert under["site_1"].tolist() == [False, False, True, False]
+    assert bold["HD95 (mm)"].tolist() == [True, True, True, False]
+    assert under["HD95 (mm)"].tolist() == [False, False, False, True]
+    marks = pd.DataFrame("", index=raw.index, columns=raw.columns)
+    marks.iloc[1, 0], marks.iloc[2, 1] = rtables.UP, rtables.DOWN
+    t = rtables.Table(
+        name="ties",
+        title="ties",
+        cells=cells,
+        caption="Dice ↑ / HD95 ↓; mean ± SD over 3 seeds; N = 4, k = 4; 50% & more_{x}. "
+        + rtables.marker_legend("fed_avg", 0.01),
+        bold=bold,
+        underline=under,
+        markers=marks,
+    )
+    tex = rlatex.to_latex(t)
+    assert r"fed\_avg \& co" in tex and r"50\% ditto" in tex and r"\#local" in tex
+    assert r"x\textasciicircum{}2 naïve-$\alpha$ ?" in tex
+    assert r"\textbf{0.851 $\pm$ 0.012}" in tex and r"\underline{0.849 $\pm$ 0.012}" in tex
+    _check_golden("ties", tex)
+
+
+def _check_golden(name: str, text: str) -> None:
+    path = GOLDEN / f"{name}.tex"
+    if UPDATE or not path.exists():
+        if not UPDATE:
+            pytest.fail(f"missing golden {path}; run with PFLBENCH_UPDATE_GOLDEN=1 to create it")
+        GOLDEN.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    assert text == path.read_text(encoding="utf-8"), f"{name}.tex differs from {path}"
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed")
+def test_tables_compile_with_pdflatex(built, tmp_path):
+    _, out, _ = built
+    for p in (out / "tables").glob("*.tex"):
+        shutil.copy(p, tmp_path / p.name)
+    for p in GOLDEN.glob("*.tex"):
+        shutil.copy(p, tmp_path / f"golden_{p.name}")
+    files = sorted(p for p in tmp_path.glob("*.tex") if p.name != "all_tables.tex")
+    (tmp_path / "doc.tex").write_text(rlatex.document(files))
+    proc = subprocess.run(
+        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert (tmp_path / "doc.pdf").stat().st_size > 1000
+    assert "Missing character" not in (tmp_path / "doc.log").read_text(errors="replace")
+
+
+def test_lower_is_better_metric_and_small_n(tmp_path):
+    """HD95 ranks ascending; one dataset of 4 sites is too small for any significance."""
+    fabricate(
+        tmp_path,
+        datasets={"tiny": 4},
+        effects={"fedavg": 0.0, "ditto": 0.06, "local": -0.04},
+        seeds=(0, 1),
+        rounds=2,
+        cases=2,
+        tuned=(),
+    )
+    out = build_report(tmp_path, out=tmp_path / "rep", metric="hd95", practical=0.5)
+    main = (out / "tables" / "main.tex").read_text()
+    row = {ln.split(" & ")[0]: ln for ln in main.splitlines() if " & " in ln}
+    assert r"\textbf{" in row["ditto"] and r"\underline{" in row["fedavg"]
+    assert r"\downarrow" in main and "HD95" in main
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert stats.TOO_FEW in md and not re.search(r"Holm p (=|<) ?[0-9]", md)  # no p-values
+    assert "tuned_vs_default" not in {p.stem for p in (out / "tables").glob("*.tex")}
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert html.count('<img src="data:image/png;base64,') == len(
+        list((out / "figures").glob("*.png"))
+    )
+    with pytest.raises(ReportError):
+        build_report(tmp_path, out=tmp_path / "x", reference="nope")
+    with pytest.raises(ReportError):
+        build_report(tmp_path, out=tmp_path / "x", metric="accuracy")
+    with pytest.raises(ReportError):
+        build_report(tmp_path / "empty")
