@@ -25,6 +25,9 @@ class Param:
     log: bool = False
     choices: tuple[Any, ...] | None = None
     help: str = ""
+    #: False for switches whose values are validated against ``choices`` but never searched
+    #: (ablation switches are chosen by the suite, not by the tuner).
+    search: bool = True
 
     @property
     def kind(self) -> type:
@@ -32,6 +35,8 @@ class Param:
 
     @property
     def tunable(self) -> bool:
+        if not self.search:
+            return False
         return self.choices is not None or (self.low is not None and self.high is not None)
 
     def check(self, name: str, value: Any, owner: str) -> Any:
@@ -59,7 +64,8 @@ class Param:
 
     def describe(self) -> str:
         if self.choices is not None:
-            return "{" + ", ".join(map(str, self.choices)) + "}"
+            values = "{" + ", ".join(map(str, self.choices)) + "}"
+            return values if self.search else f"switch {values}"
         if self.tunable:
             return f"[{self.low}, {self.high}]" + (" log" if self.log else "")
         return "fixed"
