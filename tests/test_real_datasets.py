@@ -26,14 +26,14 @@ from fixtures_data import (
     write_nifti,
     write_pillow,
 )
+
+from pflbench.data import DataError, make_splits
+from pflbench.dataset import CheckReport, Dataset
 from pflbench.datasets import _io
 from pflbench.datasets.fundus import Fundus
 from pflbench.datasets.polyp import Polyp
 from pflbench.datasets.prostate import Prostate
 from pflbench.datasets.vessel import Vessel
-
-from pflbench.data import DataError, make_splits
-from pflbench.dataset import CheckReport, Dataset
 
 
 @pytest.fixture(autouse=True)

@@ -8,14 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
+from pflbench.data import DataError, FederatedData, SiteData, make_splits
 from pflbench.datasets.synthetic import (
     AcquisitionParams,
     Synthetic,
     apply_acquisition,
     site_acquisition,
 )
-
-from pflbench.data import DataError, FederatedData, SiteData, make_splits
 from pflbench.spectral import amplitude_phase, low_freq_window, spectral_transfer
 
 FLAVOURS = ("fundus", "prostate", "polyp")

@@ -1,0 +1,308 @@
+"""Partition methods: FedBN, SiloBN, FedPer, FedRep, LG-FedAvg keep exactly their part local."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import fast_protocol
+from method_helpers import (
+    capturing,
+    floating,
+    make_client,
+    run,
+    state_of,
+    tiny_federation,
+    tiny_unet,
+)
+from torch import nn
+
+from pflbench.client import Budget
+from pflbench.data import make_splits
+from pflbench.engine import Federation
+from pflbench.partition import PartitionError, norm_keys
+from pflbench.registry import get_method
+from pflbench.suite import ModelSpec
+
+NO_NORM = ModelSpec(name="unet", options={"base": 4, "depth": 2, "norm": "none"})
+
+
+def _run_captured(name: str, **params):
+    cls = capturing(get_method(name))
+    _, out = run(tiny_federation(), cls(**params), rounds=2)
+    return cls, out
+
+
+@pytest.fixture(scope="module")
+def runs():
+    """One short run per partition method (module-scoped: they are shared by several tests)."""
+    torch.set_num_threads(1)
+    return {n: _run_captured(n) for n in ("fedbn", "silobn", "fedper", "fedrep", "lgfedavg")}
+
+
+def _split_by_agreement(models: dict, keys: list[str]) -> tuple[set[str], set[str]]:
+    """Floating keys equal on every client, and keys that differ somewhere."""
+    same, differ = set(), set()
+    ids = sorted(models)
+    for k in keys:
+        if all(torch.equal(models[ids[0]][k], models[c][k]) for c in ids[1:]):
+            same.add(k)
+        else:
+            differ.add(k)
+    return same, differ
+
+
+def _check_local_part(models: dict, personal: set[str]) -> None:
+    keys = list(floating(next(iter(models.values()))))
+    same, differ = _split_by_agreement(models, keys)
+    assert personal, "the test needs a non-empty personal part"
+    assert differ == personal, (sorted(differ - personal), sorted(personal - differ))
+    assert same == set(keys) - personal
+
+
+# FedBN ------------------------------------------------------------------------------------------
+
+
+def _two_clients(**options):
+    return make_client(tiny_unet(0, **options), site=0), make_client(
+        tiny_unet(1, **options), site=1
+    )
+
+
+def _exchange(method, a, b):
+    """One upload / aggregate / receive cycle between two lone clients with different models."""
+    before = {c.id: state_of(c.model) for c in (a, b)}
+    ups = {c.id: method.fresh().upload(c) for c in (a, b)}
+    msg = method.aggregate(ups, 1)
+    for c in (a, b):
+        method.fresh().receive(c, msg)
+    return before, ups
+
+
+def test_fedbn_keeps_norm_entries_bit_identical_and_averages_the_rest():
+    method = get_method("fedbn")()
+    a, b = _two_clients()
+    with torch.no_grad():  # make running statistics differ as well
+        for c, v in ((a, 0.3), (b, 1.7)):
+            for m in c.model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.running_mean.fill_(v)
+    before, ups = _exchange(method, a, b)
+    norms = set(norm_keys(a.model))
+    wa = ups[a.id].weight / (ups[a.id].weight + ups[b.id].weight)
+    checked_norm = checked_avg = 0
+    for k, va in before[a.id].items():
+        vb = before[b.id][k]
+        if k in norms:
+            assert torch.equal(a.model.state_dict()[k], va), k
+            assert torch.equal(b.model.state_dict()[k], vb), k
+            checked_norm += va.is_floating_point()
+        elif va.is_floating_point():
+            avg = wa * va.double() + (1 - wa) * vb.double()
+            for c in (a, b):
+                assert torch.allclose(c.model.state_dict()[k].double(), avg, atol=1e-6), k
+            assert not torch.equal(va, vb), k  # so the average is a real change
+            checked_avg += 1
+    assert checked_norm > 0 and checked_avg > 0
+    assert all(k not in norms for k in ups[a.id].entries)  # norm layers are never sent
+
+
+def test_fedbn_run_keeps_norm_layers_local_and_shares_the_rest(runs):
+    cls, _ = runs["fedbn"]
+    personal = {k for k in norm_keys(tiny_unet()) if not k.endswith("num_batches_tracked")}
+    _check_local_part(cls.models, personal)
+
+
+def test_fedbn_localizes_instancenorm_affine_parameters():
+    model = tiny_unet(norm="instance")
+    part = get_method("fedbn")().partition(model)
+    inorm = [n for n, m in model.named_modules() if isinstance(m, nn.InstanceNorm2d)]
+    assert inorm
+    for n in inorm:
+        assert part[f"{n}.weight"] is False and part[f"{n}.bias"] is False
+    assert part["encoder.0.conv1.weight"] is True and part["head.weight"] is True
+
+
+def test_fedbn_refuses_a_model_without_norm_layers():
+    with pytest.raises(PartitionError, match=r"fedbn.*UNet.*empty"):
+        get_method("fedbn")().partition(tiny_unet(norm="none"))
+    data = tiny_federation()
+    proto = fast_protocol(rounds=1)
+    fed = Federation(data, make_splits(data), get_method("fedbn")(), NO_NORM, proto, seed=0)
+    with pytest.raises(PartitionError, match="fedbn"):
+        fed.run()
+    assert fed.budget.samples == {}  # refused in setup, before any training
+
+
+# SiloBN -------------------------------------------------------------------------------------------
+
+
+def test_silobn_shares_gamma_beta_but_not_running_statistics(runs):
+    cls, _ = runs["silobn"]
+    model = tiny_unet()
+    stats = {
+        f"{n}.{b}"
+        for n, m in model.named_modules()
+        if isinstance(m, nn.BatchNorm2d)
+        for b in ("running_mean", "running_var")
+    }
+    _check_local_part(cls.models, stats)
+    gamma = [k for k in norm_keys(model) if k.endswith(".weight")]
+    assert gamma and all(k not in stats for k in gamma)  # γ/β fall in the shared set above
+
+
+def test_silobn_refuses_a_model_without_running_statistics():
+    for norm in ("group", "none"):
+        with pytest.raises(PartitionError, match=r"silobn.*UNet"):
+            get_method("silobn")().partition(tiny_unet(norm=norm))
+
+
+# FedPer ------------------------------------------------------------------------------------------
+
+
+def test_fedper_keeps_the_head_local(runs):
+    cls, _ = runs["fedper"]
+    _check_local_part(cls.models, {"head.weight", "head.bias"})
+
+
+def test_fedper_decoder_variant_keeps_decoder_and_head_local():
+    model = tiny_unet()
+    part = get_method("fedper")(head="decoder").partition(model)
+    personal = {
+        k for k, v in part.items() if v is False and model.state_dict()[k].is_floating_point()
+    }
+    expected = {
+        k
+        for k, v in model.state_dict().items()
+        if (k.startswith("decoder.") or k.startswith("head.")) and v.is_floating_point()
+    }
+    assert personal == expected and "encoder.0.conv1.weight" not in personal
+
+
+class _EmptyHead(nn.Module):
+    head_path = "head"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Conv2d(1, 1, 3, padding=1)
+        self.head = nn.Identity()
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class _NoHeadPath(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Conv2d(1, 1, 3, padding=1)
+
+
+@pytest.mark.parametrize("name", ["fedper", "fedrep"])
+def test_head_methods_refuse_an_empty_or_undeclared_head(name):
+    method = get_method(name)()
+    with pytest.raises(PartitionError, match=rf"{name}.*_EmptyHead.*empty"):
+        method.partition(_EmptyHead())
+    with pytest.raises(PartitionError, match=rf"{name}.*_NoHeadPath.*head_path"):
+        method.partition(_NoHeadPath())
+
+
+# FedRep ------------------------------------------------------------------------------------------
+
+
+def _head_body(model):
+    head = {f"head.{n}" for n, _ in model.head.named_parameters()}
+    params = dict(model.named_parameters())
+    return head, set(params) - head
+
+
+def _changed(before, model, names):
+    now = dict(model.named_parameters())
+    return {n for n in names if not torch.equal(before[n], now[n].detach())}
+
+
+@pytest.mark.parametrize("cache_mb", [2048, 0])  # cached body features, and the full-forward path
+def test_fedrep_head_phase_freezes_the_body(cache_mb):
+    method = get_method("fedrep")(head_epochs=3, feature_cache_mb=cache_mb)
+    budget = Budget()
+    client = make_client(tiny_unet(), budget=budget)
+    head, body = _head_body(client.model)
+    before = state_of(client.model)
+    method.train_head(client)
+    assert _changed(before, client.model, body) == set()
+    assert _changed(before, client.model, head) == head
+    grads = dict(client.model.named_parameters())
+    assert all(grads[n].grad is None or not grads[n].grad.any() for n in body)
+    assert all(p.requires_grad for p in client.model.parameters())  # freeze did not leak
+    n = client.num_train
+    assert budget.samples == {"head": n if cache_mb else 3 * n}
+
+
+def test_fedrep_body_phase_freezes_the_head():
+    method = get_method("fedrep")()
+    budget = Budget()
+    client = make_client(tiny_unet(), budget=budget)
+    head, body = _head_body(client.model)
+    before = state_of(client.model)
+    method.train_body(client)
+    assert _changed(before, client.model, head) == set()
+    assert _changed(before, client.model, body) == body
+    grads = dict(client.model.named_parameters())
+    assert all(grads[n].grad is None or not grads[n].grad.any() for n in head)
+    assert all(p.requires_grad for p in client.model.parameters())
+    assert budget.samples == {"local": client.num_train}
+
+
+def test_fedrep_cached_features_match_the_full_forward_head_step():
+    """The cache is an optimisation: with one head epoch the two paths agree up to batch order."""
+    init = state_of(tiny_unet())
+    out = {}
+    for cache_mb in (2048, 0):
+        client = make_client(tiny_unet(), lr=1e-2)
+        get_method("fedrep")(head_epochs=1, feature_cache_mb=cache_mb).train_head(client)
+        out[cache_mb] = state_of(client.model)
+    for k in ("head.weight", "head.bias"):
+        moved = (out[0][k] - init[k]).abs().max()
+        assert moved > 0, k
+        assert (out[2048][k] - out[0][k]).abs().max() < 0.05 * moved, k
+    for k, v in out[0].items():
+        if "running" in k:  # one pass through the body either way
+            assert torch.equal(out[2048][k], v), k
+
+
+def test_fedrep_trains_head_then_body_and_keeps_the_head_local(runs):
+    calls = []
+    base = get_method("fedrep")
+
+    class Spy(base):
+        def train_head(self, client):
+            calls.append("head")
+            super().train_head(client)
+
+        def train_body(self, client):
+            calls.append("body")
+            super().train_body(client)
+
+    Spy().local_update(make_client(tiny_unet()))
+    assert calls == ["head", "body"]
+    cls, out = runs["fedrep"]
+    _check_local_part(cls.models, {"head.weight", "head.bias"})
+    assert out.info["budget"]["head"] > 0 and out.info["budget"]["local"] > 0
+
+
+# LG-FedAvg ----------------------------------------------------------------------------------------
+
+
+def test_lgfedavg_keeps_the_lower_part_local(runs):
+    cls, _ = runs["lgfedavg"]
+    model = tiny_unet()
+    lower = {
+        k
+        for k, v in model.state_dict().items()
+        if k.startswith("encoder.0.") and v.is_floating_point()
+    }
+    assert lower
+    _check_local_part(cls.models, lower)
+
+
+def test_lgfedavg_refuses_an_undeclared_lower_part():
+    with pytest.raises(PartitionError, match=r"lgfedavg.*_NoHeadPath.*lower_path"):
+        get_method("lgfedavg")().partition(_NoHeadPath())

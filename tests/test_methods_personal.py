@@ -1,0 +1,330 @@
+"""Methods with personal models or extra passes: FedProx, Ditto, APFL, FedALA, FedRoD, FedAvg-FT."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+from method_helpers import (
+    capturing,
+    floating,
+    make_client,
+    run,
+    state_of,
+    tiny_federation,
+    tiny_unet,
+)
+from torch import nn
+
+import pflbench.methods.ditto as ditto_module
+from pflbench.client import Budget
+from pflbench.messages import Message
+from pflbench.methods._common import proximal_term
+from pflbench.methods.apfl import ALPHA
+from pflbench.methods.apfl import PERSONAL as APFL_PERSONAL
+from pflbench.methods.ditto import PERSONAL as DITTO_PERSONAL
+from pflbench.methods.fedala import STARTED, WEIGHTS, ala_tensors
+from pflbench.methods.fedrod import PERSONAL_HEAD, balanced_loss, log_prior
+from pflbench.registry import get_method
+from pflbench.training import segmentation_loss
+
+SGD = {"optimizer": "sgd", "momentum": 0.0, "weight_decay": 0.0}
+
+
+def _params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _dist(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return float(sum(((a[k] - b[k]) ** 2).sum() for k in a).sqrt())
+
+
+def _assert_same_run(a, b) -> None:
+    pd.testing.assert_frame_equal(a.rounds, b.rounds)
+    pd.testing.assert_frame_equal(a.cases, b.cases)
+    pd.testing.assert_frame_equal(a.comm, b.comm)
+
+
+def _assert_same_models(x: dict, y: dict) -> None:
+    assert set(x) == set(y)
+    for cid in x:
+        for k, v in x[cid].items():
+            assert torch.equal(v, y[cid][k]), (cid, k)
+
+
+# FedProx -----------------------------------------------------------------------------------------
+
+
+def test_fedprox_with_mu_zero_is_bitwise_fedavg():
+    data = tiny_federation()
+    prox, avg = capturing(get_method("fedprox")), capturing(get_method("fedavg"))
+    _, a = run(data, prox(mu=0.0), seed=0, rounds=2)
+    _, b = run(data, avg(), seed=0, rounds=2)
+    assert a.rounds["value"].gt(0).any()
+    _assert_same_run(a, b)
+    _assert_same_models(prox.models, avg.models)
+    # and μ > 0 really changes the computation
+    prox2 = capturing(get_method("fedprox"))
+    run(data, prox2(mu=1.0), seed=0, rounds=2)
+    assert not torch.equal(prox2.models["site0"]["head.weight"], avg.models["site0"]["head.weight"])
+
+
+def test_proximal_term_covers_parameters_only():
+    model = tiny_unet()
+    anchor = _params(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    term = proximal_term(anchor, 0.5)
+    n = sum(p.numel() for p in model.parameters())
+    assert float(term(model).detach()) == pytest.approx(0.5 / 2 * n * 0.01, rel=1e-4)
+    with torch.no_grad():  # buffers are not pulled
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.add_(5.0)
+    assert float(term(model).detach()) == pytest.approx(0.5 / 2 * n * 0.01, rel=1e-4)
+
+
+# Ditto -------------------------------------------------------------------------------------------
+
+
+def _ditto_round(lam: float, lr: float = 1e-2):
+    client = make_client(tiny_unet(), lr=lr, epochs=2, **SGD)
+    start = _params(client.model)
+    get_method("ditto")(lam=lam, personal_epochs=2).local_update(client)
+    personal = {n: client.state[DITTO_PERSONAL][n] for n in start}
+    return start, _params(client.model), personal
+
+
+def test_ditto_anchor_is_the_round_start_global_parameters(monkeypatch):
+    seen = {}
+    real = ditto_module.proximal_term
+
+    def spy(anchor, coef):
+        seen["anchor"] = {k: v.clone() for k, v in anchor.items()}
+        return real(anchor, coef)
+
+    monkeypatch.setattr(ditto_module, "proximal_term", spy)
+    client = make_client(tiny_unet())
+    start = state_of(client.model)
+    get_method("ditto")().local_update(client)
+    params = {n for n, _ in client.model.named_parameters()}
+    assert set(seen["anchor"]) == params  # parameters only, never buffers
+    for n in params:
+        assert torch.equal(seen["anchor"][n], start[n]), n
+    assert not torch.equal(client.model.state_dict()["head.weight"], start["head.weight"])
+
+
+def test_ditto_with_a_very_large_lambda_keeps_personal_at_the_global_model():
+    # SGD with λ·lr = 1: every personal step lands one gradient step away from the anchor
+    start, trained, v_big = _ditto_round(lam=100.0)
+    _, _, v_small = _ditto_round(lam=1e-3)
+    assert _dist(v_big, start) < 0.25 * _dist(v_small, start)
+    assert _dist(v_big, start) < 0.25 * _dist(trained, start)
+    assert _dist(v_big, start) < _dist(v_big, trained)  # anchored at the start, not the update
+
+
+def test_ditto_evaluates_the_personal_model_and_counts_its_pass():
+    cls = capturing(get_method("ditto"))
+    _, out = run(tiny_federation(), cls(), rounds=2)
+    for cid, evaluated in cls.evaluated.items():
+        personal = cls.states[cid][DITTO_PERSONAL]
+        for k, v in evaluated.state_dict().items():
+            assert torch.equal(v, personal[k]), (cid, k)
+        assert not torch.equal(personal["head.weight"], cls.models[cid]["head.weight"])
+    budget = out.info["budget"]
+    assert budget["personal"] * 2 == budget["local"]  # 1 personal epoch vs the suite's 2
+
+
+# APFL --------------------------------------------------------------------------------------------
+
+
+def test_apfl_with_alpha_fixed_at_zero_evaluates_fedavgs_global_model():
+    data = tiny_federation()
+    apfl, avg = capturing(get_method("apfl")), capturing(get_method("fedavg"))
+    _, a = run(data, apfl(alpha=0.0, learn_alpha=False), seed=1, rounds=2)
+    _, b = run(data, avg(), seed=1, rounds=2)
+    _assert_same_run(a, b)
+    _assert_same_models(apfl.models, avg.models)
+    assert all(s[ALPHA] == 0.0 for s in apfl.states.values())
+
+
+def test_apfl_alpha_moves_and_stays_in_unit_interval():
+    client = make_client(tiny_unet(), epochs=2)
+    get_method("apfl")().local_update(client)
+    assert client.state[ALPHA] != 0.25 and 0.0 <= client.state[ALPHA] <= 1.0
+    fixed = make_client(tiny_unet(), epochs=2)
+    get_method("apfl")(learn_alpha=False).local_update(fixed)
+    assert fixed.state[ALPHA] == 0.25
+    wild = make_client(tiny_unet(), epochs=2)
+    get_method("apfl")(alpha_lr=1e4).local_update(wild)
+    assert wild.state[ALPHA] in (0.0, 1.0)  # clipped, not beyond
+
+
+def test_apfl_evaluates_the_output_mixture():
+    client = make_client(tiny_unet(), epochs=1)
+    method = get_method("apfl")()
+    method.local_update(client)
+    assert 0 < client.state[ALPHA] < 1
+    # make v clearly different from w so that the mixture is distinguishable from either
+    v = tiny_unet(seed=7)
+    client.state[APFL_PERSONAL] = state_of(v)
+    client.state[ALPHA] = alpha = 0.3
+    mix = method.eval_model(client).eval()
+    w = client.model.eval()
+    x = client.train_data.images[:3]
+    with torch.no_grad():
+        expected = alpha * v.eval()(x) + (1 - alpha) * w(x)
+        got = mix(x)
+        assert torch.allclose(got, expected, atol=1e-6)
+        assert not torch.allclose(got, w(x), atol=1e-3)
+        assert not torch.allclose(got, v(x), atol=1e-3)
+
+
+# FedALA -----------------------------------------------------------------------------------------
+
+
+def test_fedala_top_p_counts_parameter_tensors_from_the_end():
+    model = tiny_unet()
+    names = [n for n, _ in model.named_parameters()]
+    assert ala_tensors(model, 2) == ["head.weight", "head.bias"]
+    assert ala_tensors(model, 1) == ["head.bias"]
+    assert ala_tensors(model, 0) == names
+    assert ala_tensors(model, 10**6) == names
+
+
+def _ala_setup(budget: Budget, eta: float = 1.0, p: int = 2, **hp):
+    """A client whose model has drifted from the global model it is about to receive."""
+    method = get_method("fedala")(eta=eta, p=p, **hp)
+    client = make_client(tiny_unet(0), budget=budget, lr=3e-2)
+    client.fit()  # local training: the local model now differs from the global one
+    glob = state_of(tiny_unet(1))
+    message = Message(entries=floating(glob))
+    return method, client, glob, message
+
+
+@pytest.mark.parametrize("p, eta", [(2, 10.0), (0, 100.0)])
+def test_fedala_blends_only_the_chosen_tensors_with_weights_in_unit_interval(p, eta):
+    budget = Budget()
+    method, client, glob, message = _ala_setup(budget, eta=eta, p=p)
+    local = state_of(client.model)
+    method.receive(client, message)
+    after = state_of(client.model)
+    top = ala_tensors(client.model, p)
+    weights = client.state[WEIGHTS]
+    assert set(weights) == set(top)
+    for k, v in after.items():
+        if k in top:
+            w = weights[k]
+            assert w.min() >= 0 and w.max() <= 1
+            assert torch.equal(v, local[k] + (glob[k] - local[k]) * w), k
+        elif v.is_floating_point():
+            assert torch.equal(v, glob[k]), k  # lower layers and buffers ← global
+    all_w = torch.cat([w.flatten() for w in weights.values()])  # clipped at both ends, not only
+    assert (all_w == 0).any() and (all_w == 1).any() and ((all_w > 0) & (all_w < 1)).any()
+    assert not torch.equal(after["head.weight"], glob["head.weight"])
+
+
+def test_fedala_first_time_runs_until_settled_then_one_epoch():
+    budget = Budget()
+    method, client, glob, message = _ala_setup(budget, window=3, max_first_epochs=6)
+    subset = int(0.8 * client.num_train)
+    method.receive(client, message)
+    first = budget.samples["ala"]
+    assert first % subset == 0 and 4 <= first // subset <= 6  # > window epochs, bounded
+    assert client.state[STARTED] is True
+    w1 = {k: v.clone() for k, v in client.state[WEIGHTS].items()}
+    assert any(not torch.equal(w, torch.ones_like(w)) for w in w1.values())  # W learned
+    client.fit()
+    method.fresh().receive(client, message)
+    assert budget.samples["ala"] - first == subset  # later rounds: one epoch
+
+
+def test_fedala_skips_when_the_local_model_is_the_global_one():
+    budget = Budget()
+    method = get_method("fedala")()
+    client = make_client(tiny_unet(0), budget=budget)
+    glob = state_of(client.model)
+    method.receive(client, Message(entries=floating(glob)))
+    assert "ala" not in budget.samples and WEIGHTS not in client.state
+    for k, v in client.model.state_dict().items():
+        assert torch.equal(v, glob[k]), k
+
+
+# FedRoD -----------------------------------------------------------------------------------------
+
+
+def test_fedrod_predicts_generic_plus_personal_logits():
+    client = make_client(tiny_unet(), epochs=2)
+    method = get_method("fedrod")()
+    before = state_of(client.model)
+    method.local_update(client)
+    ph_state = client.state[PERSONAL_HEAD]
+    assert set(ph_state) == {"weight", "bias"} and ph_state["weight"].abs().sum() > 0
+    model = client.model.eval()
+    ph = nn.Conv2d(model.feature_channels, 1, 1)
+    ph.load_state_dict(ph_state)
+    x = client.train_data.images[:3]
+    with torch.no_grad():
+        f = model.feature_forward(x)
+        expected = model.head(f) + ph(f)
+        got = method.eval_model(client).eval()(x)
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert not torch.allclose(got, model(x), atol=1e-4)
+    assert not torch.equal(before["head.weight"], state_of(client.model)["head.weight"])
+    # the personal head never leaves the client: the upload is the model's entries only
+    up = method.upload(client)
+    assert set(up.entries) == set(floating(state_of(client.model)))
+
+
+def test_fedrod_balanced_loss_uses_pixel_class_frequencies():
+    labels = torch.zeros(2, 4, 4, dtype=torch.long)
+    labels[0, :2, :2] = 1  # 4 foreground pixels of 32
+    prior = log_prior(labels, 1)
+    assert torch.allclose(prior.exp(), torch.tensor([29.0, 5.0], dtype=torch.float64) / 34)
+    logits = torch.randn(2, 1, 4, 4)
+    shifted = segmentation_loss(logits + float(prior[1] - prior[0]), labels)
+    assert torch.allclose(balanced_loss(logits, labels, prior), shifted)
+    uniform = torch.log(torch.tensor([0.5, 0.5]))
+    assert torch.allclose(balanced_loss(logits, labels, uniform), segmentation_loss(logits, labels))
+    multi = log_prior(torch.tensor([[[0, 1], [2, 2]]]), 3)
+    assert torch.allclose(multi.exp(), torch.tensor([2.0, 2.0, 3.0], dtype=torch.float64) / 7)
+
+
+def test_fedrod_run_shares_body_and_generic_head_only():
+    cls = capturing(get_method("fedrod"))
+    run(tiny_federation(), cls(), rounds=2)
+    m = cls.models
+    for k, v in floating(m["site0"]).items():
+        assert torch.equal(v, m["site1"][k]), k
+    heads = [cls.states[c][PERSONAL_HEAD]["weight"] for c in ("site0", "site1")]
+    assert not torch.equal(*heads)
+
+
+# FedAvg-FT ---------------------------------------------------------------------------------------
+
+
+def test_fedavg_ft_fine_tunes_a_copy_and_leaves_the_global_model_intact():
+    budget = Budget()
+    client = make_client(tiny_unet(), budget=budget)
+    before = state_of(client.model)
+    tuned = get_method("fedavg-ft")(finetune_steps=4).eval_model(client)
+    assert tuned is not client.model
+    for k, v in client.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not torch.equal(tuned.state_dict()["head.weight"], before["head.weight"])
+    assert budget.samples == {"finetune": 4 + 4 + 2 + 4}  # 10 images, batch 4, four steps
+
+
+def test_fedavg_ft_trains_as_fedavg_and_counts_its_fine_tuning():
+    data = tiny_federation()
+    ft, avg = capturing(get_method("fedavg-ft")), capturing(get_method("fedavg"))
+    _, a = run(data, ft(), rounds=2)
+    _, b = run(data, avg(), rounds=2)
+    _assert_same_models(ft.models, avg.models)  # the global models are FedAvg's
+    _assert_same_models(ft.after, avg.models)  # and evaluation did not touch them
+    assert not a.rounds["value"].equals(b.rounds["value"])  # the evaluated model differs
+    # 7 training images, batch 4: 10 steps = 5 × (4 + 3); 2 evaluation rounds + the final
+    # per-case evaluation of the last round, 3 clients
+    assert a.info["budget"]["finetune"] == 3 * 3 * 35
+    assert a.info["budget"]["local"] == b.info["budget"]["local"]
