@@ -150,6 +150,15 @@ class Client:
             self._budget.add(label, len(x))
             yield x, y
 
+    def count(self, label: str, n: int) -> None:
+        """Record ``n`` samples of extra work under ``label`` that did not come from
+        :meth:`batches` (e.g. Fisher passes over transformed copies of images already drawn), so
+        that it shows in the run's budget like every other pass.
+        """
+        if n < 0:
+            raise ValueError(f"cannot count a negative number of samples ({n})")
+        self._budget.add(label, n)
+
     # training ---------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return segmentation_loss(logits, labels)

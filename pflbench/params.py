@@ -42,7 +42,8 @@ class Param:
     def check(self, name: str, value: Any, owner: str) -> Any:
         """Coerce and validate ``value``; the error names the owner and the parameter."""
         if self.choices is not None:
-            if value not in self.choices:
+            # compare types too: 1 == True, but an integer is not a valid boolean switch
+            if not any(value == c and type(value) is type(c) for c in self.choices):
                 raise ParamError(
                     f"{owner}: parameter {name!r} = {value!r} is not one of {list(self.choices)}"
                 )

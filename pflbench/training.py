@@ -39,7 +39,9 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
         bce = F.binary_cross_entropy_with_logits(logits, target)
         return 0.5 * bce + 0.5 * soft_dice_loss(torch.sigmoid(logits), target)
     ce = F.cross_entropy(logits, labels)
-    onehot = F.one_hot(labels, logits.shape[1]).permute(0, 3, 1, 2).to(logits.dtype)
+    # one-hot by comparison (F.one_hot checks the range with .item(), which vmap cannot trace)
+    classes = torch.arange(logits.shape[1], device=labels.device).view(1, -1, 1, 1)
+    onehot = (labels.unsqueeze(1) == classes).to(logits.dtype)
     return 0.5 * ce + 0.5 * soft_dice_loss(torch.softmax(logits, 1)[:, 1:], onehot[:, 1:])
 
 
