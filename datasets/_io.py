@@ -550,6 +550,25 @@ class FolderDataset(Dataset):
     cache_dir: str | None
     cache: bool
 
+    def _common_options(
+        self,
+        root: str,
+        size: int,
+        sites: list[str] | None,
+        cache_dir: str | None,
+        cache: bool,
+    ) -> None:
+        """Store and check the options every folder loader has."""
+        self.root = str(root)
+        self.size = int(size)
+        self.sites = list(sites) if sites is not None else None
+        self.cache_dir = cache_dir
+        self.cache = bool(cache)
+        if self.size < 1:
+            raise DataError(f"{self.name}: size must be positive (got {size})")
+        if self.sites is not None and (not self.sites or len(set(self.sites)) != len(self.sites)):
+            raise DataError(f"{self.name}: option sites must list distinct site names")
+
     # -- hooks ---------------------------------------------------------------------------------
 
     def scan(self, root: Path) -> Inventory:

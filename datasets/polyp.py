@@ -70,20 +70,12 @@ sites, layout 4site:          Kvasir (1000), ETIS (196), ColonDB (380), ClinicDB
         cache_dir: str | None = None,
         cache: bool = True,
     ) -> None:
-        self.root = str(root)
-        self.size = int(size)
+        self._common_options(root, size, sites, cache_dir, cache)
         self.layout = str(layout)
-        self.sites = list(sites) if sites is not None else None
-        self.cache_dir = cache_dir
-        self.cache = bool(cache)
         if self.layout not in LAYOUTS:
             raise DataError(
                 f"{self.name}: unknown layout {layout!r}; choose one of {list(LAYOUTS)}"
             )
-        if self.size < 1:
-            raise DataError(f"{self.name}: size must be positive (got {size})")
-        if self.sites is not None and (not self.sites or len(set(self.sites)) != len(self.sites)):
-            raise DataError(f"{self.name}: option sites must list distinct site names")
 
     def scan(self, root: Path) -> _io.Inventory:
         inv = _io.Inventory(root=root)

@@ -69,18 +69,11 @@ class Prostate(_io.FolderDataset):
         cache_dir: str | None = None,
         cache: bool = True,
     ) -> None:
-        self.root = str(root)
-        self.size = int(size)
+        self._common_options(root, size, sites, cache_dir, cache)
         self.crop = int(crop)
         self.keep_empty = bool(keep_empty)
-        self.sites = list(sites) if sites is not None else None
-        self.cache_dir = cache_dir
-        self.cache = bool(cache)
         if self.size < 1 or self.crop < 1:
             raise DataError(f"{self.name}: size and crop must be positive (got {size}, {crop})")
-        if self.sites is not None:
-            if not self.sites or len(set(self.sites)) != len(self.sites):
-                raise DataError(f"{self.name}: option sites must list distinct site names")
 
     def site_names(self) -> list[str]:
         return self.sites if self.sites is not None else list(SITES)

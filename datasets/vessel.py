@@ -65,17 +65,11 @@ labels: grey value > 100 is vessel"""
         cache_dir: str | None = None,
         cache: bool = True,
     ) -> None:
-        self.root = str(root)
-        self.size = int(size)
+        self._common_options(root, size, sites, cache_dir, cache)
         self.val_fraction = float(val_fraction)
         self.split_seed = int(split_seed)
-        self.sites = list(sites) if sites is not None else None
-        self.cache_dir = cache_dir
-        self.cache = bool(cache)
         if self.size < 1 or not 0.0 <= self.val_fraction < 1.0:
             raise DataError(f"{self.name}: size must be positive and val_fraction in [0, 1)")
-        if self.sites is not None and (not self.sites or len(set(self.sites)) != len(self.sites)):
-            raise DataError(f"{self.name}: option sites must list distinct site names")
 
     def scan(self, root: Path) -> _io.Inventory:
         inv = _io.Inventory(root=root)
