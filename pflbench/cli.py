@@ -243,19 +243,72 @@ def show(method: str) -> None:
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--reference", help="Reference method of the comparison (default: fedavg if present).")
+@click.option(
+    "--reference", help="Reference method of the comparison (default: fedavg if present)."
+)
 @click.option("--metric", default="dice", type=click.Choice(["dice", "iou", "hd95", "assd"]))
-@click.option("--practical", type=float, default=0.01, show_default=True, help="Practical threshold in metric units.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), help="Report folder (default RUN_DIR/report).")
-def report(run_dir: Path, reference: str | None, metric: str, practical: float, out: Path | None) -> None:
+@click.option(
+    "--practical",
+    type=float,
+    default=0.01,
+    show_default=True,
+    help="Practical threshold in metric units.",
+)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Report folder (default RUN_DIR/report).",
+)
+def report(
+    run_dir: Path, reference: str | None, metric: str, practical: float, out: Path | None
+) -> None:
     """Statistics, LaTeX tables, figures, Markdown and HTML from a run folder's tidy results."""
     from pflbench.report import ReportError, build_report
 
     try:
-        path = build_report(run_dir, out=out, reference=reference, metric=metric, practical=practical)
+        path = build_report(
+            run_dir, out=out, reference=reference, metric=metric, practical=practical
+        )
     except ReportError as exc:
         _fail(str(exc))
     out_console.print(f"report written to {path}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--baseline",
+    "baseline_path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("reports/baselines/ci.json"),
+    show_default=True,
+    help="Baseline JSON to compare with (or to write with --update).",
+)
+@click.option(
+    "--update",
+    is_flag=True,
+    help="Write a new baseline from RUN_DIR (bands calibrated over its seeds) instead of comparing.",
+)
+@click.option(
+    "--k",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="With --update: band half-width in standard deviations over seeds [default: 3].",
+)
+@click.option(
+    "--floor",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="With --update: smallest band half-width in Dice [default: 0.02].",
+)
+def regress(
+    run_dir: Path, baseline_path: Path, update: bool, k: float | None, floor: float | None
+) -> None:
+    """Accuracy regression gate: client-macro Dice per method and site against the baseline's
+    bands; exits 1 on any regression or missing method (2 on unusable input)."""
+    from pflbench.regress import main_regress
+
+    sys.exit(main_regress(run_dir, baseline_path, update=update, k=k, floor=floor))
 
 
 @main.group()

@@ -256,7 +256,7 @@ class Federation:
         for cid in self.ids:
             model = self._eval_model(cid, r)
             splits = [("val", self.by_id[cid].val)]
-            if self.mode == "final":
+            if self.mode == "final" and self.protocol.track_test:
                 splits.append(("test", self.by_id[cid].test))
             val_dice = float("nan")
             for split, data in splits:

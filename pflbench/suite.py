@@ -14,7 +14,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 from pflbench.params import ParamError
 from pflbench.registry import RegistryError, registry
@@ -90,6 +99,9 @@ class Protocol(_Strict):
     augment: bool = False
     shuffle: bool = True
     surface_metrics: bool = True
+    #: Also score the test split at every evaluation round (test convergence curves). Selection
+    #: never uses it; off by default because it doubles the evaluation cost.
+    track_test: bool = False
 
     @model_validator(mode="after")
     def _one_budget(self) -> Protocol:
@@ -98,6 +110,105 @@ class Protocol(_Strict):
         if (self.local_epochs is None) == (self.local_steps is None):
             raise ValueError("give exactly one of local_epochs and local_steps")
         return self
+
+
+#: The shared search dimensions every method gets (the protocol's own knobs), with their type.
+SHARED_SEARCH: dict[str, type] = {
+    "lr": float,
+    "local_epochs": int,
+    "local_steps": int,
+    "batch_size": int,
+}
+
+
+class SearchRange(_Strict):
+    """A numeric range (``low``, ``high``, ``log``) or a list of ``choices``."""
+
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> SearchRange:
+        numeric = self.low is not None or self.high is not None
+        if numeric == (self.choices is not None):
+            raise ValueError("give either low and high, or choices")
+        if self.choices is not None:
+            if not self.choices or len(set(map(repr, self.choices))) != len(self.choices):
+                raise ValueError(f"choices must be non-empty and distinct, got {self.choices}")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("a range needs both low and high")
+        if not self.low < self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got {self.low}")
+        return self
+
+
+def _default_search() -> dict[str, SearchRange | None]:
+    return {
+        "lr": SearchRange(low=1e-4, high=1e-1, log=True),
+        "local_epochs": SearchRange(low=1, high=3),
+        "batch_size": SearchRange(choices=[4, 8, 16]),
+    }
+
+
+class SamplerSpec(_Strict):
+    name: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
+    startup_trials: int = Field(10, ge=0, description="random trials before TPE models the space")
+
+
+class PrunerSpec(_Strict):
+    name: Literal["median", "none"] = "median"
+    startup_trials: int = Field(5, ge=0, description="completed trials before pruning starts")
+    warmup_steps: int = Field(0, ge=0, description="evaluations before a trial can be pruned")
+    interval_steps: int = Field(1, ge=1)
+
+
+class Tuning(_Strict):
+    """One study per (dataset, method), all with the same budget, sampler, pruner and objective.
+
+    ``search`` holds the shared ranges (a key set to null is held at the protocol's value);
+    with ``method_params`` each method's declared tunable parameters are searched too, except those
+    the suite fixes in the method's ``params``. The best and the default configuration are then run
+    on the suite's ``seeds`` (the reporting seeds), which must not overlap ``tuning.seeds``.
+    """
+
+    trials: int = Field(
+        gt=0, description="trials per (dataset, method), pruned and failed included"
+    )
+    seeds: list[int] = Field(min_length=1, description="tuning seeds (disjoint from `seeds`)")
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    pruner: PrunerSpec = Field(default_factory=PrunerSpec)
+    search: dict[str, SearchRange | None] = Field(default_factory=_default_search)
+    method_params: bool = True
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"tuning seeds must be distinct, got {v}")
+        return v
+
+    @field_validator("search")
+    @classmethod
+    def _shared_only(cls, v: dict[str, SearchRange | None]) -> dict[str, SearchRange | None]:
+        for name, rng in v.items():
+            kind = SHARED_SEARCH.get(name)
+            if kind is None:
+                raise ValueError(
+                    f"unknown search key {name!r}; shared keys: {', '.join(SHARED_SEARCH)} "
+                    "(method parameters come from each method's declared ranges)"
+                )
+            if rng is None or kind is not int:
+                continue
+            bounds = rng.choices if rng.choices is not None else [rng.low, rng.high]
+            if any(isinstance(b, bool) or float(b) != int(b) or int(b) < 1 for b in bounds):
+                raise ValueError(f"{name}: values must be integers >= 1, got {bounds}")
+        return v
 
 
 class Suite(_Strict):
@@ -110,7 +221,37 @@ class Suite(_Strict):
     model: ModelSpec = Field(default_factory=ModelSpec)
     protocol: Protocol
     report: dict[str, Any] = Field(default_factory=dict)
-    tuning: dict[str, Any] | None = None
+    tuning: Tuning | None = None
+
+    @field_validator("tuning")
+    @classmethod
+    def _tuning_fits(cls, v: Tuning | None, info: ValidationInfo) -> Tuning | None:
+        if v is None:
+            return v
+        reporting = info.data.get("seeds")
+        if reporting is not None:
+            both = sorted(set(v.seeds) & set(reporting))
+            if both:
+                raise PydanticCustomError(
+                    "seeds_overlap",
+                    "seeds {both} are both tuning seeds (tuning.seeds) and reporting seeds "
+                    "(seeds); they must be disjoint",
+                    {"both": both},
+                )
+        protocol = info.data.get("protocol")
+        if protocol is not None:
+            budget = "local_steps" if protocol.local_steps is not None else "local_epochs"
+            other = "local_epochs" if budget == "local_steps" else "local_steps"
+            if v.search.get(other) is not None:
+                if "search" in v.model_fields_set:
+                    raise PydanticCustomError(
+                        "search_budget",
+                        "tuning.search.{other}: the protocol budgets local work in {budget}; "
+                        "search {budget} instead",
+                        {"other": other, "budget": budget},
+                    )
+                v.search = {k: r for k, r in v.search.items() if k != other}
+        return v
 
     @field_validator("seeds")
     @classmethod

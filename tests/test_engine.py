@@ -191,6 +191,9 @@ def test_selection_uses_validation_after_half(tiny):
         assert after.set_index("round")["value"][chosen] == after["value"].max()
     assert set(out.cases["selection"]) == {"best", "last"}
     assert set(out.cases["split"]) == {"val", "test"}
+    assert set(out.rounds["split"]) == {"val"}  # test is scored per round only with track_test
+    _, tracked = run(tiny, "fedavg", rounds=2, track_test=True)
+    assert set(tracked.rounds["split"]) == {"val", "test"}
 
 
 def test_evaluation_covers_all_clients_under_partial_participation(tiny):

@@ -1,0 +1,482 @@
+"""Where a sweep keeps its queue and its record: an Optuna storage chosen from a URL.
+
+- journal file (default, ``<out>/optuna.journal``): one machine, many processes. It has no
+  heartbeat, so :func:`reap` fails and re-enqueues the trials whose worker process on this host is
+  gone (dead pid, or a pid reused by a younger process).
+- PostgreSQL (``postgresql+psycopg://…``): many machines. Heartbeats mark a killed worker's trial
+  stale, :class:`optuna.storages.RetryHeartbeatStaleTrialCallback` puts a copy back in the queue,
+  ``pool_pre_ping`` drops connections a server restart has broken, and every storage call is
+  retried with backoff while the database is unreachable (:class:`RetryingStorage`), so a brief
+  outage or a restart does not kill the workers.
+- SQLite: one process only. Under parallel workers it reproducibly hands the same enqueued trial
+  to two workers, so it is refused for more than one.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import socket
+import sys
+import time
+import warnings
+from collections.abc import Callable, Container, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import optuna
+import psutil
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+from optuna.storages import BaseStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.study._frozen import FrozenStudy
+from optuna.study._study_direction import StudyDirection
+from optuna.trial import FrozenTrial, TrialState
+
+T = TypeVar("T")
+
+JOURNAL_NAME = "optuna.journal"
+#: A RUNNING trial with no worker recorded this long after it started was claimed by a worker that
+#: died before saying who it was; it is failed and re-enqueued like any other dead worker's trial.
+ORPHAN_AFTER_S = 120.0
+
+
+class StorageConfigError(ValueError):
+    """A storage URL that cannot be used as asked (unknown scheme, SQLite with many workers)."""
+
+
+@dataclass(frozen=True)
+class StorageConfig:
+    """A parsed storage location: a journal file path or an SQLAlchemy URL."""
+
+    kind: Literal["journal", "rdb"]
+    url: str
+    dialect: str  # "journal", "postgresql", "sqlite", "mysql"
+
+    @property
+    def display(self) -> str:
+        """The URL without a password, for messages and logs."""
+        if self.kind == "journal":
+            return self.url
+        try:
+            from sqlalchemy.engine import make_url
+
+            return make_url(self.url).render_as_string(hide_password=True)
+        except Exception:
+            return self.url.split("@")[-1]
+
+    @property
+    def cli_url(self) -> str:
+        """What to pass as ``--storage`` to reach the same storage."""
+        return f"journal:{self.url}" if self.kind == "journal" else self.url
+
+
+def resolve_storage(url: str | None, out: str | Path) -> StorageConfig:
+    """Parse ``--storage`` / ``PFLBENCH_STORAGE``; nothing given means a journal file in ``out``.
+
+    Accepted: ``journal:PATH`` (or a path ending in ``.journal`` / ``.log``), ``sqlite:///PATH``,
+    ``postgresql[+driver]://…``, ``mysql[+driver]://…``.
+    """
+    if url is None or not url.strip():
+        return StorageConfig("journal", str((Path(out) / JOURNAL_NAME).resolve()), "journal")
+    url = url.strip()
+    if url.startswith("journal:"):
+        path = url[len("journal:") :]
+        path = path[2:] if path.startswith("//") else path
+        if not path:
+            raise StorageConfigError(
+                "--storage journal: needs a file path, e.g. journal:runs/x.journal"
+            )
+        return StorageConfig("journal", str(Path(path).expanduser().resolve()), "journal")
+    if "://" not in url:
+        if url.endswith((".journal", ".log")):
+            return StorageConfig("journal", str(Path(url).expanduser().resolve()), "journal")
+        raise StorageConfigError(
+            f"--storage {url!r}: not a storage URL; use journal:PATH, sqlite:///PATH or "
+            "postgresql+psycopg://USER@HOST:PORT/DB"
+        )
+    scheme = url.split("://", 1)[0].lower()
+    dialect = scheme.split("+", 1)[0]
+    if dialect in ("postgresql", "postgres"):
+        if dialect == "postgres":  # SQLAlchemy only knows the long name
+            url = "postgresql" + url[len("postgres") :]
+        if "+" not in scheme:  # psycopg 3 is what the package ships with, not psycopg2
+            url = "postgresql+psycopg" + url[len("postgresql") :]
+        return StorageConfig("rdb", url, "postgresql")
+    if dialect in ("sqlite", "mysql"):
+        return StorageConfig("rdb", url, dialect)
+    raise StorageConfigError(
+        f"--storage: unsupported scheme {scheme!r}; use journal:PATH (one machine) or "
+        "postgresql+psycopg://… (many machines)"
+    )
+
+
+def check_workers(config: StorageConfig, workers: int, joining: bool = False) -> None:
+    """Refuse SQLite for more than one worker, saying why and what to use instead."""
+    if config.dialect == "sqlite" and (workers > 1 or joining):
+        who = f"{workers} workers" if workers > 1 else "a joining worker"
+        raise StorageConfigError(
+            f"--storage {config.display}: SQLite cannot be shared by {who}: under parallel "
+            "workers it hands the same enqueued trial to two of them (a double pop: the run "
+            "would be done twice and the queue miscounted). Use the default journal file (one "
+            "machine, any number of processes) or PostgreSQL (many machines); SQLite is fine "
+            "for `pflbench run --workers 1`."
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Retry on transient storage errors
+# ---------------------------------------------------------------------------------------------
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A lost or refused database connection (worth retrying), not a bad request."""
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        mod = type(e).__module__
+        if mod.startswith("sqlalchemy"):
+            from sqlalchemy import exc as sa_exc
+
+            if isinstance(
+                e, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError)
+            ):
+                return True
+            if isinstance(e, sa_exc.DBAPIError) and e.connection_invalidated:
+                return True
+            if isinstance(e, sa_exc.TimeoutError):  # connection pool exhausted
+                return True
+        if mod.startswith("psycopg"):
+            import psycopg
+
+            if isinstance(e, (psycopg.OperationalError, psycopg.InterfaceError)):
+                return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def retry_call(
+    fn: Callable[..., T],
+    *args: Any,
+    timeout_s: float = 300.0,
+    first_wait_s: float = 0.5,
+    max_wait_s: float = 10.0,
+    what: str = "storage",
+    log: Callable[[str], None] | None = None,
+    **kwargs: Any,
+) -> T:
+    """Call ``fn``; on a transient error wait (exponential backoff) and retry, up to ``timeout_s``."""
+    start = time.monotonic()
+    wait = first_wait_s
+    attempt = 0
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:
+            elapsed = time.monotonic() - start
+            if not is_transient(exc) or elapsed + wait > timeout_s:
+                raise
+            attempt += 1
+            if attempt in (1, 5) or attempt % 20 == 0:
+                (log or _stderr)(
+                    f"{what} unreachable ({type(exc).__name__}); retrying in {wait:.1f} s "
+                    f"(attempt {attempt}, {elapsed:.0f} s so far)"
+                )
+            time.sleep(wait)
+            wait = min(max_wait_s, wait * 2)
+
+
+def _stderr(msg: str) -> None:
+    print(f"pflbench[{worker_id()}]: {msg}", file=sys.stderr, flush=True)
+
+
+class RetryingStorage(BaseStorage, BaseHeartbeat):
+    """Any Optuna storage, with every call retried with backoff while the database is unreachable.
+
+    Optuna's own code (``ask``, ``tell``, ``report``, ``suggest_*``) goes through the storage, so
+    wrapping the storage makes all of it survive a database restart, not only pflbench's calls.
+    A retried state change that had in fact been committed before the connection broke is
+    recognised (the trial is already in the asked state) instead of failing.
+    """
+
+    def __init__(self, inner: BaseStorage, timeout_s: float = 300.0) -> None:
+        self.inner = inner
+        self.timeout_s = timeout_s
+
+    def _r(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return retry_call(fn, *args, timeout_s=self.timeout_s, **kwargs)
+
+    # studies --------------------------------------------------------------------------------
+    def create_new_study(
+        self, directions: Sequence[StudyDirection], study_name: str | None = None
+    ) -> int:
+        return self._r(self.inner.create_new_study, directions, study_name)
+
+    def delete_study(self, study_id: int) -> None:
+        self._r(self.inner.delete_study, study_id)
+
+    def set_study_user_attr(self, study_id: int, key: str, value: Any) -> None:
+        self._r(self.inner.set_study_user_attr, study_id, key, value)
+
+    def set_study_system_attr(self, study_id: int, key: str, value: Any) -> None:
+        self._r(self.inner.set_study_system_attr, study_id, key, value)
+
+    def get_study_id_from_name(self, study_name: str) -> int:
+        return self._r(self.inner.get_study_id_from_name, study_name)
+
+    def get_study_name_from_id(self, study_id: int) -> str:
+        return self._r(self.inner.get_study_name_from_id, study_id)
+
+    def get_study_directions(self, study_id: int) -> list[StudyDirection]:
+        return self._r(self.inner.get_study_directions, study_id)
+
+    def get_study_user_attrs(self, study_id: int) -> dict[str, Any]:
+        return self._r(self.inner.get_study_user_attrs, study_id)
+
+    def get_study_system_attrs(self, study_id: int) -> dict[str, Any]:
+        return self._r(self.inner.get_study_system_attrs, study_id)
+
+    def get_all_studies(self) -> list[FrozenStudy]:
+        return self._r(self.inner.get_all_studies)
+
+    # trials ---------------------------------------------------------------------------------
+    def create_new_trial(self, study_id: int, template_trial: FrozenTrial | None = None) -> int:
+        return self._r(self.inner.create_new_trial, study_id, template_trial)
+
+    def set_trial_param(
+        self, trial_id: int, param_name: str, param_value_internal: float, distribution: Any
+    ) -> None:
+        self._r(
+            self.inner.set_trial_param, trial_id, param_name, param_value_internal, distribution
+        )
+
+    def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
+        return self._r(self.inner.get_trial_id_from_study_id_trial_number, study_id, trial_number)
+
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
+        attempts = [0]
+
+        def call() -> bool:
+            attempts[0] += 1
+            try:
+                return self.inner.set_trial_state_values(trial_id, state, values)
+            except UpdateFinishedTrialError:
+                # A retry of a change that was committed before the connection broke.
+                if attempts[0] > 1 and self.inner.get_trial(trial_id).state == state:
+                    return True
+                raise
+
+        return self._r(call)
+
+    def set_trial_intermediate_value(
+        self, trial_id: int, step: int, intermediate_value: float
+    ) -> None:
+        self._r(self.inner.set_trial_intermediate_value, trial_id, step, intermediate_value)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._r(self.inner.set_trial_user_attr, trial_id, key, value)
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._r(self.inner.set_trial_system_attr, trial_id, key, value)
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        return self._r(self.inner.get_trial, trial_id)
+
+    def get_all_trials(
+        self,
+        study_id: int,
+        deepcopy: bool = True,
+        states: Container[TrialState] | None = None,
+    ) -> list[FrozenTrial]:
+        return self._r(self.inner.get_all_trials, study_id, deepcopy, states)
+
+    def remove_session(self) -> None:
+        self.inner.remove_session()
+
+    # heartbeat ------------------------------------------------------------------------------
+    def record_heartbeat(self, trial_id: int) -> None:
+        assert isinstance(self.inner, BaseHeartbeat)
+        self._r(self.inner.record_heartbeat, trial_id)
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        assert isinstance(self.inner, BaseHeartbeat)
+        return self._r(self.inner._get_stale_trial_ids, study_id)
+
+    def get_heartbeat_interval(self) -> int | None:
+        if isinstance(self.inner, BaseHeartbeat):
+            return self.inner.get_heartbeat_interval()
+        return None
+
+    def get_heartbeat_stale_trial_callback(
+        self,
+    ) -> Callable[[optuna.Study, FrozenTrial], None] | None:
+        if isinstance(self.inner, BaseHeartbeat):
+            return self.inner.get_heartbeat_stale_trial_callback()
+        return None
+
+
+def _env_float(name: str, default: float | None) -> float | None:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise StorageConfigError(f"{name}={raw!r}: expected a number of seconds") from None
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """Timing of heartbeats and retries (env: ``PFLBENCH_HEARTBEAT_INTERVAL``,
+    ``PFLBENCH_HEARTBEAT_GRACE``, ``PFLBENCH_STORAGE_RETRY_S``)."""
+
+    heartbeat_interval: int = 30
+    grace_period: int | None = None  # Optuna's default: 2 × interval
+    max_retry: int = 2
+    retry_timeout_s: float = 300.0
+
+    @classmethod
+    def from_env(cls) -> StorageOptions:
+        hb = _env_float("PFLBENCH_HEARTBEAT_INTERVAL", 30)
+        grace = _env_float("PFLBENCH_HEARTBEAT_GRACE", None)
+        retry = _env_float("PFLBENCH_STORAGE_RETRY_S", 300.0)
+        return cls(
+            heartbeat_interval=max(1, int(hb or 30)),
+            grace_period=None if grace is None else max(1, int(grace)),
+            retry_timeout_s=float(retry or 300.0),
+        )
+
+
+def open_storage(config: StorageConfig, options: StorageOptions | None = None) -> RetryingStorage:
+    """The Optuna storage behind ``config``, wrapped so transient errors are retried."""
+    options = options or StorageOptions.from_env()
+    warnings.filterwarnings("ignore", category=ExperimentalWarning)
+    # pflbench runs its own heartbeat thread around each trial (worker.Heartbeat)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+    if config.kind == "journal":
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        Path(config.url).parent.mkdir(parents=True, exist_ok=True)
+        inner: BaseStorage = JournalStorage(JournalFileBackend(config.url))
+        return RetryingStorage(inner, options.retry_timeout_s)
+
+    def build() -> BaseStorage:
+        return optuna.storages.RDBStorage(
+            config.url,
+            engine_kwargs={"pool_pre_ping": True},
+            heartbeat_interval=options.heartbeat_interval,
+            grace_period=options.grace_period,
+            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(
+                max_retry=options.max_retry
+            ),
+        )
+
+    inner = retry_call(build, timeout_s=options.retry_timeout_s, what=config.display)
+    return RetryingStorage(inner, options.retry_timeout_s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker identity and the reaper
+# ---------------------------------------------------------------------------------------------
+
+
+def worker_id() -> str:
+    """``host:pid`` of this process, recorded on every trial it runs."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def process_started(pid: int | None = None) -> float:
+    """Start time of a process (seconds since the epoch): tells a reused pid from the original."""
+    return psutil.Process(pid if pid is not None else os.getpid()).create_time()
+
+
+def worker_alive(worker: str, started: float | None) -> bool | None:
+    """Whether the recorded worker still runs; None when it ran on another host (can't tell)."""
+    host, _, pid_s = worker.rpartition(":")
+    if host != socket.gethostname() or not pid_s.isdigit():
+        return None
+    try:
+        proc = psutil.Process(int(pid_s))
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        if started is not None and abs(proc.create_time() - started) > 1.0:
+            return False  # the pid now belongs to another process
+        return True
+    except psutil.NoSuchProcess:
+        return False
+
+
+def requeue(study: optuna.Study, trial: FrozenTrial, max_retry: int = 2) -> bool:
+    """Put a copy of a failed trial back in the queue (same parameters and cell); False past
+    ``max_retry``. The copy's ``failed_trial`` system attribute marks the original as an
+    infrastructure failure, which the tuning budget does not count."""
+    history = list(trial.system_attrs.get("retry_history", []))
+    if len(history) + 1 > max_retry:
+        return False
+    RetryHeartbeatStaleTrialCallback(max_retry=max_retry)(study, _without_worker(trial))
+    return True
+
+
+def _without_worker(trial: FrozenTrial) -> FrozenTrial:
+    import copy
+
+    t = copy.deepcopy(trial)
+    for key in ("worker", "worker_started"):
+        t.user_attrs.pop(key, None)
+    return t
+
+
+def reap(
+    study: optuna.Study,
+    trials: list[FrozenTrial],
+    *,
+    pids: bool,
+    max_retry: int = 2,
+    orphan_after_s: float = ORPHAN_AFTER_S,
+    log: Callable[[str], None] | None = None,
+) -> int:
+    """Fail and re-enqueue RUNNING trials whose worker is gone; returns how many were reaped.
+
+    With ``pids`` (journal storage) a trial whose worker ran on this host and no longer exists is
+    reaped. Always, a trial that has no worker recorded ``orphan_after_s`` after it started is
+    reaped (its worker died between claiming it and saying who it was). Several reapers may race:
+    the storage lets exactly one of them change the state, and only that one re-enqueues.
+    """
+    now = _dt.datetime.now()
+    n = 0
+    for t in trials:
+        if t.state != TrialState.RUNNING:
+            continue
+        worker = t.user_attrs.get("worker")
+        if worker is None:
+            started = t.datetime_start
+            if started is None or (now - started).total_seconds() < orphan_after_s:
+                continue
+            why = "no worker recorded"
+        else:
+            if not pids or worker_alive(worker, t.user_attrs.get("worker_started")) is not False:
+                continue
+            why = f"worker {worker} is gone"
+        storage = study._storage
+        try:
+            claimed = storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            continue
+        if not claimed:
+            continue
+        fresh = storage.get_trial(t._trial_id)
+        again = requeue(study, fresh, max_retry)
+        n += 1
+        if log is not None:
+            log(
+                f"{study.study_name}: trial {t.number} failed ({why}); "
+                + ("re-enqueued" if again else f"not re-enqueued (retried {max_retry} times)")
+            )
+    return n

@@ -1,0 +1,227 @@
+"""Worker processes on the journal file: `--workers N`, joining workers, SIGKILL mid-run.
+
+Every run must complete exactly once (one DONE folder and one COMPLETE trial per cell) however a
+worker dies. The PostgreSQL versions of these tests are in test_postgres.py and reuse the helpers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from pflbench.results import iter_runs
+from pflbench.storage import open_storage, resolve_storage
+from pflbench.suite import load_suite
+from pflbench.tuning import study_table, sweep_studies
+from pflbench.worker import cpu_count
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def write_suite(
+    tmp_path: Path,
+    name: str = "kill",
+    seeds: tuple[int, ...] = (0, 1, 2),
+    methods: tuple[str, ...] = ("local", "fedavg"),
+    rounds: int = 4,
+    tuning: dict[str, Any] | None = None,
+    threads: int | None = 1,
+) -> Path:
+    """A fixed (or tuning) suite of about a second per run on synthetic data."""
+    raw: dict[str, Any] = {
+        "name": name,
+        "datasets": [
+            {
+                "name": "synthetic",
+                "options": {
+                    "flavour": "prostate",
+                    "size": 16,
+                    "sites": 2,
+                    "images_per_site": [12, 12],
+                },
+            }
+        ],
+        "methods": list(methods),
+        "seeds": list(seeds),
+        "model": {"name": "unet", "options": {"base": 8, "depth": 2}},
+        "protocol": {
+            "rounds": rounds,
+            "local_epochs": 2,
+            "batch_size": 4,
+            "threads": threads,
+            "device": "cpu",
+            "surface_metrics": False,
+            "optimizer": {"name": "adam", "lr": 0.03},
+        },
+    }
+    if tuning is not None:
+        raw["tuning"] = tuning
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps(raw))  # JSON is YAML
+    return path
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}, **extra)
+    return env
+
+
+def start_worker(suite: Path, storage: str, out: Path, env: dict[str, str] | None = None):
+    cmd = [sys.executable, "-m", "pflbench.cli", "worker", str(suite), "--storage", storage]
+    cmd += ["--out", str(out), "--threads", "1", "--quiet"]
+    return subprocess.Popen(cmd, env=env or worker_env())
+
+
+def wait_for(pred: Callable[[], Any], timeout: float, what: str, poll: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def all_trials(storage, suite) -> dict[str, list]:
+    out = {}
+    for ref in sweep_studies(suite):
+        try:
+            out[ref.name] = optuna.load_study(study_name=ref.name, storage=storage).get_trials()
+        except KeyError:
+            out[ref.name] = []
+    return out
+
+
+def running_on(storage, suite, pid: int, kind: str = "runs") -> bool:
+    me = f"{socket.gethostname()}:{pid}"
+    return any(
+        t.state == TrialState.RUNNING and t.user_attrs.get("worker") == me
+        for name, trials in all_trials(storage, suite).items()
+        if f"/{kind}/" in name
+        for t in trials
+    )
+
+
+def kill_one_of_two(
+    suite_path: Path, storage_url: str, out: Path, env: dict[str, str], kind: str = "runs"
+) -> int:
+    """Start two workers, SIGKILL the first while it runs a trial, let the second finish."""
+    suite = load_suite(suite_path)
+    storage = open_storage(resolve_storage(storage_url, out))
+    a = start_worker(suite_path, storage_url, out, env)
+    b = start_worker(suite_path, storage_url, out, env)
+    try:
+        # kill as soon as A is seen running a trial (its worker attribute is written by then)
+        wait_for(lambda: running_on(storage, suite, a.pid, kind), 120, "worker A to run a trial")
+        a.send_signal(signal.SIGKILL)
+        a.wait(timeout=30)
+        assert a.returncode == -signal.SIGKILL
+        assert b.wait(timeout=240) == 0
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return a.pid
+
+
+def assert_every_run_once(out: Path, storage, suite, killed_pid: int | None = None) -> None:
+    """One DONE folder per cell, one COMPLETE trial per cell, nothing left waiting or running."""
+    cells = [
+        (ref.method.key, ref.label, seed)
+        for ref in sweep_studies(suite)
+        if ref.kind == "runs"
+        for seed in suite.seeds
+    ]
+    done = Counter((m["method"], m["label"], m["seed"]) for _, m in iter_runs(out))
+    assert sorted(done) == sorted(cells) and set(done.values()) == {1}
+    complete = Counter()
+    for name, trials in all_trials(storage, suite).items():
+        assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+        if "/runs/" in name:
+            for t in trials:
+                if t.state == TrialState.COMPLETE:
+                    complete[t.user_attrs["cell"]] += 1
+    assert len(complete) == len(cells) and set(complete.values()) == {1}
+    if killed_pid is not None:
+        me = f"{socket.gethostname()}:{killed_pid}"
+        killed = [
+            t
+            for ts in all_trials(storage, suite).values()
+            for t in ts
+            if t.user_attrs.get("worker") == me
+        ]
+        unfinished = [t for t in killed if t.state == TrialState.FAIL]
+        assert len(unfinished) == 1  # the trial it was running: failed, then retried by the peer
+        assert study_table(storage, suite)["retried"].sum() == 1
+
+
+def test_sigkill_one_of_two_workers_on_the_journal_file(tmp_path):
+    suite_path = write_suite(tmp_path)
+    out = tmp_path / "out"
+    url = f"journal:{out / 'optuna.journal'}"
+    killed = kill_one_of_two(suite_path, url, out, worker_env())
+    storage = open_storage(resolve_storage(url, out))
+    assert_every_run_once(out, storage, load_suite(suite_path), killed)
+
+
+def test_run_with_two_workers_splits_threads_and_goes_through_the_queue(tmp_path):
+    suite_path = write_suite(tmp_path, name="two", seeds=(0, 1), rounds=2, threads=None)
+    out = tmp_path / "out"
+    res = subprocess.run(
+        [sys.executable, "-m", "pflbench.cli", "run", str(suite_path), "--workers", "2"]
+        + ["--out", str(out), "--no-report", "-q"],
+        env=worker_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    suite = load_suite(suite_path)
+    storage = open_storage(resolve_storage(None, out))  # the default journal in the run folder
+    assert_every_run_once(out, storage, suite)
+    manifests = [m for _, m in iter_runs(out)]
+    assert {m["threads"] for m in manifests} == {max(1, cpu_count() // 2)}
+    workers = {t.user_attrs["worker"] for ts in all_trials(storage, suite).values() for t in ts}
+    assert all(w.startswith(socket.gethostname() + ":") for w in workers)
+    assert {m["pid"] for m in manifests} <= {int(w.rsplit(":", 1)[1]) for w in workers}
+    assert f"{len(manifests)} runs (0 already done)" in res.stderr
+
+
+@pytest.mark.slow
+def test_sigkill_during_tuning_keeps_the_budget_exact(tmp_path):
+    tuning = {
+        "trials": 4,
+        "seeds": [10],
+        "sampler": {"startup_trials": 2},
+        "pruner": {"name": "none"},
+        "search": {
+            "lr": {"low": 1e-3, "high": 0.1, "log": True},
+            "local_epochs": None,
+            "batch_size": None,
+        },
+    }
+    suite_path = write_suite(tmp_path, name="tkill", seeds=(0,), methods=("fedavg",), tuning=tuning)
+    out = tmp_path / "out"
+    url = f"journal:{out / 'optuna.journal'}"
+    kill_one_of_two(suite_path, url, out, worker_env(), kind="tune")
+    suite = load_suite(suite_path)
+    storage = open_storage(resolve_storage(url, out))
+    table = study_table(storage, suite).set_index("kind")
+    tune = table.loc["tune"]
+    assert (tune["trials"], tune["done"], tune["complete"], tune["retried"]) == (4, 4, 4, 1)
+    assert_every_run_once(out, storage, suite)
