@@ -1,7 +1,3 @@
-# NOTE TO PARALLEL ENGINEERS (temporary, the lead removes it): use the venv /work/main/.venv
-# (pflbench is installed editable there); touch only the files assigned to you; do NOT run git
-# commands and do NOT edit pyproject.toml or pflbench/cli.py: report what you need instead.
-# Lint with .venv/bin/ruff format/check. Tests: .venv/bin/python -m pytest tests/<file> -q
 """Multi-site data containers and the case-level split shared by every dataset plugin.
 
 A dataset plugin turns a folder (or a generator) into a :class:`FederatedData`: one

@@ -1,7 +1,3 @@
-# NOTE TO PARALLEL ENGINEERS (temporary, the lead removes it): use the venv /work/main/.venv
-# (pflbench is installed editable there); touch only the files assigned to you; do NOT run git
-# commands and do NOT edit pyproject.toml or pflbench/cli.py: report what you need instead.
-# Lint with .venv/bin/ruff format/check. Tests: .venv/bin/python -m pytest tests/<file> -q
 """Tidy results on disk: the only thing reports, statistics and the regression gate read.
 
 Layout of one finished run (``<out>/results/<run_key>/``)::
