@@ -15,7 +15,8 @@ from pflbench.registry import RegistryError, registry
 from pflbench.suite import Suite, SuiteError, load_suite
 
 console = Console(stderr=True)
-out_console = Console()
+# wide tables stay readable in logs and pipes (rich would otherwise wrap them at 80 columns)
+out_console = Console(width=None if sys.stdout.isatty() else 200)
 
 
 def _fail(message: str) -> None:
