@@ -20,7 +20,9 @@ def dice_table(out: str | Path) -> tuple[pd.DataFrame, str]:
     if cases.empty:
         return pd.DataFrame(), "test"
     split = "test" if (cases["split"] == "test").any() else "val"
-    sel = cases[(cases["selection"] == "best") & (cases["split"] == split)]
+    sel = cases[(cases["selection"] == "best") & (cases["split"] == split)].copy()
+    tuned = sel["label"].isin(["tuned", "default"])  # sweeps run both: keep them apart
+    sel.loc[tuned, "method"] = sel.loc[tuned, "method"] + " (" + sel.loc[tuned, "label"] + ")"
     per_client = (
         sel.groupby(["dataset", "method", "seed", "client"], sort=False)["dice"]
         .mean()
