@@ -513,20 +513,15 @@ def final_spec(
 # ---------------------------------------------------------------------------------------------
 
 
-def study_table(storage: BaseStorage, suite: Suite) -> pd.DataFrame:
-    """One row per study, read from the storage: budget, states, diverged, retried, extra.
-
-    ``trials`` counts the budget trials (the first ``total`` for tuning studies, the latest trial of
-    each cell for runs studies), ``done`` those finished; ``retried`` counts trials replaced after their worker died and ``over_budget``
-    trials closed because racing workers overshot the budget (neither is in ``trials``).
-    """
+def study_rows(storage: BaseStorage, suite: Suite) -> list[dict[str, Any]]:
+    """The rows of :func:`study_table`, read with plain storage calls (cheap enough to poll)."""
     rows = []
     for ref in sweep_studies(suite):
         try:
-            study = optuna.load_study(study_name=ref.name, storage=storage)
+            study_id = storage.get_study_id_from_name(ref.name)
         except KeyError:
             continue
-        trials = study.get_trials(deepcopy=False)
+        trials = storage.get_all_trials(study_id, deepcopy=False)
         total = ref.total(suite)
         b = budget_trials(trials)
         if ref.kind == "tune":
@@ -535,10 +530,7 @@ def study_table(storage: BaseStorage, suite: Suite) -> pd.DataFrame:
             b = sorted(
                 {t.user_attrs.get("cell", t.number): t for t in b}.values(), key=lambda t: t.number
             )
-
-        def n(state: TrialState, b: list[FrozenTrial] = b) -> int:
-            return sum(t.state == state for t in b)
-
+        states = [t.state for t in b]
         rows.append(
             {
                 "study": ref.name,
@@ -548,15 +540,26 @@ def study_table(storage: BaseStorage, suite: Suite) -> pd.DataFrame:
                 "label": ref.label or "",
                 "total": total,
                 "trials": len(b),
-                "done": sum(t.state.is_finished() for t in b),
-                "complete": n(TrialState.COMPLETE),
-                "pruned": n(TrialState.PRUNED),
-                "failed": n(TrialState.FAIL),
-                "running": n(TrialState.RUNNING),
-                "waiting": n(TrialState.WAITING),
+                "done": sum(st.is_finished() for st in states),
+                "complete": states.count(TrialState.COMPLETE),
+                "pruned": states.count(TrialState.PRUNED),
+                "failed": states.count(TrialState.FAIL),
+                "running": states.count(TrialState.RUNNING),
+                "waiting": states.count(TrialState.WAITING),
                 "diverged": sum(bool(t.user_attrs.get("diverged")) for t in b),
                 "retried": len(infra_failed(trials)),
                 "over_budget": sum(bool(t.user_attrs.get("over_budget")) for t in trials),
             }
         )
-    return pd.DataFrame(rows)
+    return rows
+
+
+def study_table(storage: BaseStorage, suite: Suite) -> pd.DataFrame:
+    """One row per study, read from the storage: budget, states, diverged, retried, extra.
+
+    ``trials`` counts the budget trials (the first ``total`` for tuning studies, the latest trial
+    of each cell for runs studies), ``done`` those finished; ``retried`` counts trials replaced
+    after their worker died and ``over_budget`` trials closed because racing workers overshot the
+    budget (neither is in ``trials``).
+    """
+    return pd.DataFrame(study_rows(storage, suite))

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import pandas as pd
 import torch
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage, fail_stale_trials
@@ -54,7 +55,7 @@ from pflbench.tuning import (
     make_pruner,
     make_sampler,
     run_score,
-    study_table,
+    study_rows,
     sweep_studies,
     tune_ref,
     tuning_finished,
@@ -179,6 +180,8 @@ class Worker:
         local = getattr(storage, "get_heartbeat_interval", lambda: None)() is None
         self.poll_s = poll_s if poll_s is not None else (0.25 if local else 1.0)
         self.max_poll_s = max_poll_s if max_poll_s is not None else (1.0 if local else 5.0)
+        self.housekeeping_s = 10.0
+        self._last_housekeeping = float("-inf")
         self.log: Log = log or (lambda msg: None)
         self.max_trials = max_trials
         self.reap_pids = reap_pids
@@ -204,18 +207,20 @@ class Worker:
             )
 
     # housekeeping -------------------------------------------------------------------------------
-    def _snapshot(self) -> dict[str, list[FrozenTrial]]:
-        out = {}
+    def _housekeeping(self) -> int:
+        """Fail stale trials (heartbeats) and reap dead workers' trials; returns how many came
+        back to the queue."""
+        n = 0
         for ref in self.refs:
             study = self.studies[ref.name]
+            before = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
             fail_stale_trials(study)  # PostgreSQL heartbeats; a no-op for the journal
             trials = study.get_trials(deepcopy=False)
-            n = reap(study, trials, pids=self.reap_pids, log=self.log)
-            if n:
-                self.stats.reaped += n
-                trials = study.get_trials(deepcopy=False)
-            out[ref.name] = trials
-        return out
+            reaped = reap(study, trials, pids=self.reap_pids, log=self.log)
+            self.stats.reaped += reaped
+            n += reaped + max(0, sum(t.state == TrialState.WAITING for t in trials) - before)
+        self._last_housekeeping = time.monotonic()
+        return n
 
     def _mark(self, trial_id: int) -> None:
         self.storage.set_trial_user_attr(trial_id, "worker", self.identity)
@@ -223,14 +228,30 @@ class Worker:
 
     # one step -----------------------------------------------------------------------------------
     def step(self) -> bool | None:
-        """Run one trial if one can be taken: True; None if others still run; False when done."""
-        snap = self._snapshot()
+        """Run one trial if one can be taken: True; None if others still run; False when done.
+
+        Dead workers' trials are looked for every ``housekeeping_s`` while there is work, and
+        always before waiting or stopping."""
+        if time.monotonic() - self._last_housekeeping >= self.housekeeping_s:
+            self._housekeeping()
+        result = self._take()
+        if result is not True and self._housekeeping():
+            result = self._take()
+        return result
+
+    def _take(self) -> bool | None:
+        cache: dict[str, list[FrozenTrial]] = {}
+
+        def trials_of(name: str) -> list[FrozenTrial]:  # read each study at most once per step
+            if name not in cache:
+                cache[name] = self.studies[name].get_trials(deepcopy=False)
+            return cache[name]
+
         busy = False
         tuning = self.suite.tuning
         # 1. tuned runs whose tuning is over; 2. tuning trials; 3. default / fixed runs
-        order = sorted(self.refs, key=_priority)
-        for ref in order:
-            trials = snap[ref.name]
+        for ref in sorted(self.refs, key=_priority):
+            trials = trials_of(ref.name)
             waiting = [t for t in trials if t.state == TrialState.WAITING]
             busy |= any(t.state == TrialState.RUNNING for t in trials)
             if ref.kind == "tune":
@@ -243,7 +264,7 @@ class Worker:
                 continue
             tune_trials = None
             if ref.label == "tuned":
-                tune_trials = snap[tune_ref(self.suite, ref).name]
+                tune_trials = trials_of(tune_ref(self.suite, ref).name)
                 assert tuning is not None
                 if not tuning_finished(tune_trials, tuning.trials):
                     busy = True  # the gate opens when the tuning study is done
@@ -478,32 +499,37 @@ def run_sweep(
                 progress.update(task.id, visible=False)
         tasks: dict[str, Any] = {}
 
-        def refresh() -> Any:
-            table = study_table(storage, suite)
+        def refresh() -> list[dict[str, Any]]:
+            rows = study_rows(storage, suite)
             if progress is None:
-                return table
-            for row in table.itertuples():
-                label = f"{row.kind} {row.dataset} · {row.method}" + (
-                    f" · {row.label}" if row.label else ""
+                return rows
+            for row in rows:
+                label = f"{row['kind']} {row['dataset']} · {row['method']}" + (
+                    f" · {row['label']}" if row["label"] else ""
                 )
                 extra = "".join(
-                    f" [{k} {getattr(row, k)}]"
-                    for k in ("pruned", "failed", "diverged")
-                    if getattr(row, k)
+                    f" [{k} {row[k]}]" for k in ("pruned", "failed", "diverged") if row[k]
                 )
-                if row.study not in tasks:
-                    tasks[row.study] = progress.add_task(label, total=row.total)
+                if row["study"] not in tasks:
+                    tasks[row["study"]] = progress.add_task(label, total=row["total"])
                 progress.update(
-                    tasks[row.study], completed=row.done, total=row.total, description=label + extra
+                    tasks[row["study"]],
+                    completed=row["done"],
+                    total=row["total"],
+                    description=label + extra,
                 )
-            return table
+            return rows
 
         def monitor() -> None:  # keeps the display current while this process runs a trial
-            while not stop.wait(poll_s):
+            wait = poll_s
+            while not stop.wait(wait):
+                t0 = time.monotonic()
                 try:
                     refresh()
                 except Exception:  # a display problem never stops the sweep
                     pass
+                # a big sweep is slower to read: never spend more than ~5% of a core on it
+                wait = max(poll_s, 20 * (time.monotonic() - t0))
 
         refresh()
         before = _complete_runs(storage, suite)
@@ -536,7 +562,7 @@ def run_sweep(
             "worker process(es) exited with an error: "
             + ", ".join(f"#{i} (exit {rc})" for i, rc in bad)
         )
-    table = refresh()
+    table = pd.DataFrame(refresh())
     runs = table[table["kind"] == "runs"]
     after = _complete_runs(storage, suite)
     skipped = len(before) + sum(skip for key, skip in after.items() if key not in before)

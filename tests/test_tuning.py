@@ -448,7 +448,7 @@ def test_sqlite_is_refused_for_more_than_one_worker_with_the_reason(tmp_path):
         ],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
     )
     assert res.returncode == 2 and "SQLite cannot be shared by 2 workers" in res.stderr
     assert not results_dir(tmp_path / "o").exists()
@@ -512,7 +512,7 @@ def test_an_unreachable_database_is_retried_then_reported():
     with pytest.raises(Exception) as err:
         retry_call(
             lambda: open_storage(cfg, StorageOptions(retry_timeout_s=0.1)),
-            timeout_s=1.5,
+            timeout_s=5.0,
             first_wait_s=0.2,
             log=logs.append,
         )
