@@ -297,13 +297,13 @@ class Federation:
         frames = []
         last = self.rounds_done
         for cid in self.ids:
-            chosen: list[tuple[str, int, nn.Module]] = [("last", last, self._eval_model(cid, last))]
-            chosen[0] = ("last", last, copy.deepcopy(chosen[0][2]))
+            current = copy.deepcopy(self._eval_model(cid, last))
+            chosen: list[tuple[str, int, nn.Module]] = [("last", last, current)]
             if cid in self.best:
                 snap = self.store.get(f"{cid}/snapshot")["module"]
                 chosen.append(("best", self.best[cid][1], snap))
             else:
-                chosen.append(("best", last, chosen[0][2]))
+                chosen.append(("best", last, current))
             for selection, r, model in chosen:
                 for split in splits:
                     data = getattr(self.by_id[cid], split)

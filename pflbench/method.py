@@ -112,9 +112,3 @@ class Method:
     # evaluation ------------------------------------------------------------------------------
     def eval_model(self, client: Client) -> nn.Module:
         return client.model
-
-    # description -----------------------------------------------------------------------------
-    @classmethod
-    def summary(cls) -> str:
-        doc = (cls.__doc__ or "").strip().splitlines()
-        return doc[0] if doc else ""

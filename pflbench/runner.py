@@ -194,9 +194,6 @@ def execute(
     return run_key, manifest
 
 
-ProgressHook = Callable[[str, RunSpec, int, int], None]
-
-
 def run_suite(
     suite: Suite,
     out: str | Path,
