@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from pflbench.data import SiteData
+from pflbench.state import clone_tree
 from pflbench.training import batch_stream, make_optimizer, segmentation_loss, train_epochs
 
 
@@ -174,7 +175,7 @@ class Client:
 
     def keep_optimizer(self, opt: torch.optim.Optimizer, key: str = "main") -> None:
         if self._persist_optimizer:
-            self.state[f"_optimizer/{key}"] = copy.deepcopy(opt.state_dict())
+            self.state[f"_optimizer/{key}"] = clone_tree(opt.state_dict())
 
     def fit(
         self,

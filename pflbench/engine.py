@@ -7,7 +7,6 @@ hooks and uploads in its server hooks.
 
 from __future__ import annotations
 
-import copy
 import resource
 import sys
 import time
@@ -140,10 +139,10 @@ class Federation:
         self.rounds_done = 0
 
     # client records --------------------------------------------------------------------------
-    def _open(self, cid: str, round: int) -> tuple[Client, dict[str, Any]]:
+    def _open(self, cid: str, round: int) -> Client:
         record = self.store.get(cid)
         self.model.load_state_dict(record["model"])
-        client = Client(
+        return Client(
             cid,
             self.model,
             record["state"],
@@ -155,7 +154,6 @@ class Federation:
             budget=self.budget,
             persist_optimizer=self.method.optimizer_state == "persist",
         )
-        return client, record
 
     def _close(self, cid: str, client: Client) -> None:
         self.store.put(cid, {"model": _state_copy(self.model), "state": client.state})
@@ -173,7 +171,7 @@ class Federation:
             self.store.put(cid, {"model": _state_copy(self.model), "state": {}})
         payloads: dict[str, Any] = {}
         for cid in self.ids:
-            client, _ = self._open(cid, 0)
+            client = self._open(cid, 0)
             payload = self.method.fresh().setup(client)
             self._close(cid, client)
             if payload is not None:
@@ -181,7 +179,7 @@ class Federation:
                 self._comm(0, cid, up=payload_bytes(payload))
         messages = self.method.setup_server(payloads) if payloads else {}
         for cid, msg in messages.items():
-            client, _ = self._open(cid, 0)
+            client = self._open(cid, 0)
             self.method.fresh().receive_setup(client, msg)
             self._close(cid, client)
             self._comm(0, cid, down=payload_bytes(msg))
@@ -200,7 +198,7 @@ class Federation:
         uploads: dict[str, Upload] = {}
         stored: list[str] = []
         for cid in self._sample():
-            client, _ = self._open(cid, r)
+            client = self._open(cid, r)
             m = self.method.fresh()
             m.local_update(client)
             up = m.upload(client) if self.method.communicates else None
@@ -221,14 +219,14 @@ class Federation:
         )
         targets = {cid: messages for cid in self.ids} if isinstance(messages, Message) else messages
         for cid, msg in targets.items():
-            client, _ = self._open(cid, r)
+            client = self._open(cid, r)
             self.method.fresh().receive(client, msg)
             self._close(cid, client)
             self._comm(r, cid, down=payload_bytes(msg))
         self.timings["aggregate_s"] += time.perf_counter() - t1
 
     def _eval_model(self, cid: str, r: int) -> nn.Module:
-        client, _ = self._open(cid, r)
+        client = self._open(cid, r)
         return self.method.fresh().eval_model(client)
 
     def _score(self, model: nn.Module, data: SiteData, surface: bool) -> pd.DataFrame:
@@ -272,7 +270,7 @@ class Federation:
             client_scores.append(val_dice)
             if selectable and (cid not in self.best or val_dice > self.best[cid][0]):
                 self.best[cid] = (val_dice, r)
-                self.store.put(f"{cid}/snapshot", {"module": copy.deepcopy(model)})
+                self.store.put(f"{cid}/snapshot", {"module": model})  # the store copies it
         self.timings["eval_s"] += time.perf_counter() - t0
         return float(np.nanmean(client_scores)) if client_scores else float("nan")
 
@@ -297,7 +295,7 @@ class Federation:
         frames = []
         last = self.rounds_done
         for cid in self.ids:
-            current = copy.deepcopy(self._eval_model(cid, last))
+            current = self._eval_model(cid, last)
             chosen: list[tuple[str, int, nn.Module]] = [("last", last, current)]
             if cid in self.best:
                 snap = self.store.get(f"{cid}/snapshot")["module"]

@@ -223,10 +223,14 @@ def test_diverging_run_is_recorded_not_raised(tiny):
     assert "non-finite" in out.info["error"]
 
 
-def test_disk_store_gives_the_same_result_as_memory(tiny):
-    _, a = run(tiny, "fedavg", store="memory")
-    _, b = run(tiny, "fedavg", store="disk")
+@pytest.mark.parametrize("method", ["fedavg", "ditto"])
+def test_disk_store_gives_the_same_result_as_memory(tiny, method):
+    # ditto keeps a personal model and optimizer-free extras in client.state; the two stores
+    # must hand hooks the same values and select the same snapshots
+    _, a = run(tiny, method, store="memory")
+    _, b = run(tiny, method, store="disk")
     pd.testing.assert_frame_equal(a.rounds, b.rounds)
+    pd.testing.assert_frame_equal(a.cases, b.cases)
 
 
 def test_local_steps_budget_is_counted(tiny):

@@ -71,7 +71,9 @@ def test_plain_pytorch_fedavg_round(benchmark, data):
             weights.append(len(train))
         total = sum(weights)
         avg = {
-            k: sum(s[k].double() * (w / total) for s, w in zip(states, weights, strict=True)).to(v.dtype)
+            k: sum(s[k].double() * (w / total) for s, w in zip(states, weights, strict=True)).to(
+                v.dtype
+            )
             if v.is_floating_point()
             else v
             for k, v in states[0].items()
