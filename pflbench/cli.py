@@ -79,15 +79,21 @@ def run(
     A suite with a `tuning` section, --workers > 1 or --storage goes through the Optuna storage
     (a killed sweep resumes; more machines can join with `pflbench worker`).
     """
-    from pflbench.runner import plan, run_suite
-    from pflbench.summary import dice_table, write_summary
+    children = None
+    if workers > 1:  # first, so that their imports overlap ours; they wait for the sweep
+        from pflbench.pool import start_children
 
+        children = start_children(suite_path, out, storage, workers)
     suite = _load(suite_path)
     out_dir = Path(out) if out else default_out(suite, suite_path)
     out_dir.mkdir(parents=True, exist_ok=True)
+    sweep = suite.tuning is not None or workers > 1 or storage is not None
+
+    from pflbench.runner import plan, run_suite
+    from pflbench.summary import dice_table, write_summary
+
     cells = plan(suite)
     n_runs = len(cells)
-    sweep = suite.tuning is not None or workers > 1 or storage is not None
     t_start = time.perf_counter()
     skipped = 0
     with Progress(
@@ -125,7 +131,14 @@ def run(
                 from pflbench.worker import run_sweep
 
                 result = run_sweep(
-                    suite, suite_path, out_dir, storage, workers, quiet=quiet, progress=progress
+                    suite,
+                    suite_path,
+                    out_dir,
+                    storage,
+                    workers,
+                    quiet=quiet,
+                    progress=None if quiet else progress,
+                    children=children,
                 )
                 n_runs, skipped = result.runs, result.skipped
             else:
@@ -134,7 +147,7 @@ def run(
             _fail(str(exc))
     wall = time.perf_counter() - t_start
     table, split = dice_table(out_dir)
-    summary = write_summary(out_dir)
+    summary = write_summary(out_dir, (table, split))
     if not table.empty:
         t = Table(title=f"Dice ({split}, best-validation round; mean ± std over seeds)")
         t.add_column("dataset")
@@ -176,6 +189,7 @@ def run(
 )
 @click.option("--threads", type=click.IntRange(min=1), help="Torch CPU threads (default: all).")
 @click.option("--index", type=click.IntRange(min=0), hidden=True)
+@click.option("--wait-go", is_flag=True, hidden=True)
 @click.option("--quiet", "-q", is_flag=True, help="Only errors.")
 def worker(
     suite_path: str,
@@ -184,10 +198,16 @@ def worker(
     threads: int | None,
     index: int | None,
     quiet: bool,
+    wait_go: bool = False,
 ) -> None:
     """Join the sweep of SUITE in --storage and take runs until none is left."""
     from pflbench.worker import worker_main
 
+    if wait_go:  # a child of `pflbench run --workers N`: imports done, wait for the sweep
+        from pflbench.pool import wait_for_go
+
+        if not wait_for_go():
+            return  # the parent stopped before setting the sweep up; it reports why
     suite = _load(suite_path)
     out_dir = Path(out) if out else default_out(suite, suite_path)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -341,5 +361,39 @@ def check(name: str, root: str) -> None:
     out_console.print("no problems found")
 
 
+def entry() -> None:
+    """The console script. After a clean finish it ends the process without the interpreter's
+    module teardown, which takes 0.5-1 s once torch is loaded: every ``pflbench`` call and every
+    worker process of a sweep would pay it. Exit handlers still run and output is flushed first;
+    an uncaught exception ends the normal way, with its traceback."""
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code
+    else:
+        code = 0
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    _hard_exit(int(code or 0))
+
+
+def _hard_exit(code: int) -> None:
+    import atexit
+    import os
+    import threading
+
+    for thread in threading.enumerate():  # what interpreter shutdown would wait for
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (BrokenPipeError, OSError, ValueError):  # a closed pipe (`| head`) or stream
+            pass
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    main()
+    entry()

@@ -42,8 +42,9 @@ def dice_table(out: str | Path) -> tuple[pd.DataFrame, str]:
     return table, split
 
 
-def write_summary(out: str | Path) -> Path | None:
-    table, split = dice_table(out)
+def write_summary(out: str | Path, table: tuple[pd.DataFrame, str] | None = None) -> Path | None:
+    """Write ``summary.md`` from ``table`` (a :func:`dice_table` result, read here if None)."""
+    table, split = table if table is not None else dice_table(out)
     if table.empty:
         return None
     path = Path(out) / "summary.md"

@@ -33,6 +33,12 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage, fail_stale_trials
 from optuna.trial import FrozenTrial, TrialState
 
+from pflbench.pool import (
+    release,
+    start_children,
+    stop_children,
+    thread_share,
+)
 from pflbench.runner import DataCache, execute
 from pflbench.storage import (
     StorageConfig,
@@ -63,35 +69,6 @@ from pflbench.tuning import (
 )
 
 Log = Callable[[str], None]
-
-
-def cpu_count() -> int:
-    """CPUs this process may use (affinity and cgroup-limited containers included)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
-    return max(1, n)
-
-
-def thread_share(workers: int, cpus: int | None = None) -> int:
-    """Torch threads per worker: the CPUs split evenly, at least one each."""
-    return max(1, (cpus or cpu_count()) // max(1, workers))
-
-
-def gpu_assignment(workers: int) -> list[str | None]:
-    """CUDA_VISIBLE_DEVICES per worker: GPUs dealt round-robin; None without GPUs. Worker 0 is the
-    process that starts the others and keeps its default device, the first visible GPU."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        gpus = [g for g in visible.split(",") if g.strip()]
-    else:
-        gpus = (
-            [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-        )
-    if not gpus:
-        return [None] * workers
-    return [gpus[i % len(gpus)] for i in range(workers)]
 
 
 class Heartbeat:
@@ -179,7 +156,7 @@ class Worker:
         # is polled gently, less and less often while only peers' trials are running.
         local = getattr(storage, "get_heartbeat_interval", lambda: None)() is None
         self.poll_s = poll_s if poll_s is not None else (0.25 if local else 1.0)
-        self.max_poll_s = max_poll_s if max_poll_s is not None else (1.0 if local else 5.0)
+        self.max_poll_s = max_poll_s if max_poll_s is not None else (0.5 if local else 5.0)
         self.housekeeping_s = 10.0
         self._last_housekeeping = float("-inf")
         self.log: Log = log or (lambda msg: None)
@@ -475,25 +452,30 @@ def run_sweep(
     quiet: bool = False,
     progress: Any = None,
     poll_s: float = 1.0,
+    children: list[subprocess.Popen[bytes]] | None = None,
 ) -> SweepResult:
     """``pflbench run`` for a tuning suite, ``--workers N`` or ``--storage``: set the sweep up,
     start N workers (in this process when N = 1), show trials done / total per study in
     ``progress`` (a rich Progress; its other tasks are hidden), wait for the end.
 
+    ``children``: workers 1..N-1 already started with :func:`pflbench.pool.start_children`
+    (the command line starts them before its own imports); started here when None. They wait
+    until the sweep is set up; this function owns them from here on.
+
     Raises :class:`SweepError` when workers stopped before every study was done (run the same
     command again to resume)."""
     out = Path(out)
     config = resolve_storage(storage_url, out)
-    check_workers(config, workers)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(config)
-    ensure_sweep(storage, suite, heal=True, log=_stderr_log(False))
-    # This process is worker 0; the others are child processes running `pflbench worker`,
-    # started first so that their start-up overlaps this one's work.
-    procs = _spawn(suite_path, out, config, workers)
+    procs = children
     stop = threading.Event()
     thread: threading.Thread | None = None
     try:
+        check_workers(config, workers)
+        if procs is None:
+            procs = start_children(suite_path, out, config.cli_url, workers)
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        storage = open_storage(config)
+        ensure_sweep(storage, suite, heal=True, log=_stderr_log(False))
         if progress is not None:
             for task in progress.tasks:
                 progress.update(task.id, visible=False)
@@ -533,11 +515,15 @@ def run_sweep(
 
         refresh()
         before = _complete_runs(storage, suite)
+        # This process is worker 0; the others are `pflbench worker` children that have done
+        # their imports meanwhile and join now.
+        release(procs)
         log: Log = _stderr_log(True)
         if progress is not None and not quiet and workers == 1:
             log = lambda msg: progress.console.print(msg, highlight=False)  # noqa: E731
-        thread = threading.Thread(target=monitor, daemon=True, name="progress")
-        thread.start()
+        if progress is not None:  # nothing to show: no polling thread competing for the GIL
+            thread = threading.Thread(target=monitor, daemon=True, name="progress")
+            thread.start()
         Worker(
             suite,
             out,
@@ -550,7 +536,7 @@ def run_sweep(
         for p in procs:
             p.wait()
     except BaseException:
-        _stop_children(procs)
+        stop_children(procs or [])
         raise
     finally:
         stop.set()
@@ -592,39 +578,6 @@ def _complete_runs(storage: BaseStorage, suite: Suite) -> dict[tuple[str, int], 
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             out[(ref.name, t.number)] = bool(t.user_attrs.get("skipped"))
     return out
-
-
-def _spawn(
-    suite_path: str, out: Path, config: StorageConfig, workers: int
-) -> list[subprocess.Popen[bytes]]:
-    """Start workers 1..N-1 as `pflbench worker` processes with their thread share and GPU."""
-    share = thread_share(workers)
-    gpus = gpu_assignment(workers)
-    procs: list[subprocess.Popen[bytes]] = []
-    for i in range(1, workers):
-        env = dict(os.environ)
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-            env[var] = str(share)
-        if gpus[i] is not None:
-            env["CUDA_VISIBLE_DEVICES"] = gpus[i]
-        cmd = [sys.executable, "-m", "pflbench.cli", "worker", suite_path]
-        cmd += ["--storage", config.cli_url, "--out", str(out), "--threads", str(share)]
-        cmd += ["--index", str(i), "--quiet"]
-        procs.append(subprocess.Popen(cmd, env=env))
-    return procs
-
-
-def _stop_children(procs: list[subprocess.Popen[bytes]]) -> None:
-    """SIGTERM: each child closes its running trial as failed and queues its retry."""
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
 
 
 __all__ = [

@@ -22,11 +22,11 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from pflbench.pool import cpu_count
 from pflbench.results import iter_runs
 from pflbench.storage import open_storage, resolve_storage
 from pflbench.suite import load_suite
 from pflbench.tuning import study_table, sweep_studies
-from pflbench.worker import cpu_count
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -225,3 +225,28 @@ def test_sigkill_during_tuning_keeps_the_budget_exact(tmp_path):
     tune = table.loc["tune"]
     assert (tune["trials"], tune["done"], tune["complete"], tune["retried"]) == (4, 4, 4, 1)
     assert_every_run_once(out, storage, suite)
+
+
+def test_a_gated_child_waits_for_go_and_leaves_when_the_parent_does(tmp_path):
+    """Children of `run --workers N` start before the sweep exists and wait on stdin: without
+    the word go (the parent failed or died) they touch nothing and exit cleanly."""
+    from pflbench.pool import release, start_children
+
+    suite = write_suite(tmp_path, seeds=(0,), methods=("local",))
+    journal = tmp_path / "gate.log"
+    (child,) = start_children(str(suite), tmp_path / "out", f"journal:{journal}", workers=2)
+    time.sleep(1.0)
+    assert child.poll() is None and not journal.exists()  # waiting, nothing opened
+    child.stdin.close()
+    assert child.wait(timeout=120) == 0
+    assert not journal.exists() and not (tmp_path / "out" / "results").exists()
+
+    # the same child released after the parent set the sweep up does the work
+    storage = open_storage(resolve_storage(f"journal:{journal}", tmp_path / "out"))
+    from pflbench.tuning import ensure_sweep
+
+    ensure_sweep(storage, load_suite(suite))
+    (child,) = start_children(str(suite), tmp_path / "out", f"journal:{journal}", workers=2)
+    release([child])
+    assert child.wait(timeout=300) == 0
+    assert len(list(iter_runs(tmp_path / "out"))) == 1

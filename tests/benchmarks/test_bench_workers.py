@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -114,10 +115,12 @@ def main() -> None:
                         flush=True,
                     )
             best1, best2 = min(times[1]), min(times[2])
+            pairs = sorted(a / b for a, b in zip(times[1], times[2], strict=True))
             print(
                 f"{runs} runs, threads {threads or 'free'}, {cpus} CPUs (load average "
                 f"{os.getloadavg()[0]:.1f}): --workers 1 {best1:.1f} s, --workers 2 {best2:.1f} s, "
-                f"throughput ratio {best1 / best2:.2f}x",
+                f"throughput ratio {best1 / best2:.2f}x (best of each); per pair "
+                f"{', '.join(f'{r:.2f}' for r in pairs)}, median {statistics.median(pairs):.2f}x",
                 flush=True,
             )
 
