@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pflbench.registry import RegistryError, registry
-from pflbench.suite import Suite, SuiteError, load_suite
+from pflbench.suite import Suite, SuiteError, load_suite, peek_suite
 
 console = Console(stderr=True)
 # wide tables stay readable in logs and pipes (rich would otherwise wrap them at 80 columns)
@@ -54,10 +54,8 @@ def default_out(suite: Suite, suite_path: str) -> Path:
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
     help="Local worker processes taking runs from the storage queue; CPU threads (or GPUs) "
-    "are split between them.",
+    "are split between them. Default: the suite's `workers` (1 unless it says otherwise).",
 )
 @click.option(
     "--storage",
@@ -71,7 +69,7 @@ def run(
     out: str | None,
     quiet: bool,
     no_report: bool,
-    workers: int = 1,
+    workers: int | None = None,
     storage: str | None = None,
 ) -> None:
     """Run every dataset × method × seed of SUITE (finished runs are skipped).
@@ -79,12 +77,20 @@ def run(
     A suite with a `tuning` section, --workers > 1 or --storage goes through the Optuna storage
     (a killed sweep resumes; more machines can join with `pflbench worker`).
     """
-    children = None
-    if workers > 1:  # first, so that their imports overlap ours; they wait for the sweep
-        from pflbench.pool import start_children
+    from pflbench.pool import resolve_workers, start_children, stop_children
 
-        children = start_children(suite_path, out, storage, workers)
+    # Children first, so that their imports overlap ours (they wait until the sweep exists); the
+    # suite's own `workers` is read from the raw file here, and checked after validation.
+    raw = peek_suite(suite_path)
+    requested = workers if workers is not None else raw.get("workers", 1)
+    n = resolve_workers(requested, (raw.get("protocol") or {}).get("threads"))
+    children = start_children(suite_path, out, storage, n) if n > 1 else None
     suite = _load(suite_path)
+    requested = workers if workers is not None else suite.workers
+    if resolve_workers(requested, suite.protocol.threads) != n:  # the raw peek was wrong
+        stop_children(children or [])
+        n, children = resolve_workers(requested, suite.protocol.threads), None
+    workers = n
     out_dir = Path(out) if out else default_out(suite, suite_path)
     out_dir.mkdir(parents=True, exist_ok=True)
     sweep = suite.tuning is not None or workers > 1 or storage is not None

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 GO = "go"
 
@@ -28,6 +29,16 @@ def cpu_count() -> int:
 def thread_share(workers: int, cpus: int | None = None) -> int:
     """Torch threads per worker: the CPUs split evenly, at least one each."""
     return max(1, (cpus or cpu_count()) // max(1, workers))
+
+
+def resolve_workers(value: Any, threads: Any = None, cpus: int | None = None) -> int:
+    """Worker processes for a ``workers`` setting: an int as is; ``auto`` one per ``threads``
+    CPUs (all CPUs to one worker when threads are not pinned); anything else 1."""
+    cpus = cpus or cpu_count()
+    if value == "auto":
+        per = threads if isinstance(threads, int) and threads > 0 else cpus
+        return max(1, cpus // per)
+    return value if isinstance(value, int) and value > 0 else 1
 
 
 def gpu_assignment(workers: int) -> list[str | None]:

@@ -222,6 +222,18 @@ class Suite(_Strict):
     protocol: Protocol
     report: dict[str, Any] = Field(default_factory=dict)
     tuning: Tuning | None = None
+    workers: int | Literal["auto"] = Field(
+        1,
+        description="worker processes `pflbench run` starts when --workers is not given; auto: "
+        "one per protocol.threads CPUs (one per CPU with threads: 1)",
+    )
+
+    @field_validator("workers")
+    @classmethod
+    def _positive_workers(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise PydanticCustomError("workers", "must be ≥ 1 or 'auto', got {v}", {"v": v})
+        return v
 
     @field_validator("tuning")
     @classmethod
@@ -368,6 +380,16 @@ def _check_options(cls: type, options: dict[str, Any]) -> str | None:
     except (ValueError, TypeError) as exc:
         return str(exc)
     return None
+
+
+def peek_suite(path: str | Path) -> dict[str, Any]:
+    """The suite file's raw mapping, unvalidated, or {} if it cannot be read: for the decisions
+    ``pflbench run`` takes before the (slower) validation, which reports any problem later."""
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return raw if isinstance(raw, dict) else {}
 
 
 def load_suite(path: str | Path) -> Suite:

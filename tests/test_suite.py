@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pflbench.suite import SuiteError, load_suite
+from pflbench.suite import SuiteError, load_suite, parse_suite
 
 GOOD = {
     "name": "t",
@@ -114,3 +114,26 @@ def test_shipped_suites_validate(path, monkeypatch, tmp_path):
         problems = [line for line in str(exc).splitlines() if line.startswith(str(path))]
         assert problems, exc
         assert all("options.root: data folder" in line for line in problems), exc
+
+
+def test_suite_workers_setting_is_validated_and_resolved(tmp_path):
+    from pflbench.pool import resolve_workers
+
+    base = {
+        "name": "w",
+        "datasets": [{"name": "synthetic"}],
+        "methods": ["fedavg"],
+        "seeds": [0],
+        "protocol": {"rounds": 1},
+    }
+    assert parse_suite(base, "w.yaml").workers == 1
+    assert parse_suite({**base, "workers": "auto"}, "w.yaml").workers == "auto"
+    with pytest.raises(SuiteError, match=r"w.yaml.*workers.*≥ 1"):
+        parse_suite({**base, "workers": 0}, "w.yaml")
+    with pytest.raises(SuiteError, match=r"workers"):
+        parse_suite({**base, "workers": "many"}, "w.yaml")
+    assert resolve_workers("auto", threads=1, cpus=8) == 8
+    assert resolve_workers("auto", threads=3, cpus=8) == 2
+    assert resolve_workers("auto", threads=None, cpus=8) == 1  # torch takes every core itself
+    assert resolve_workers(3, threads=None, cpus=8) == 3
+    assert resolve_workers("bogus", cpus=8) == 1  # a raw peek at a bad file: validation reports it

@@ -39,8 +39,10 @@ def write_suite(
     rounds: int = 4,
     tuning: dict[str, Any] | None = None,
     threads: int | None = 1,
+    **top: Any,
 ) -> Path:
-    """A fixed (or tuning) suite of about a second per run on synthetic data."""
+    """A fixed (or tuning) suite of about a second per run on synthetic data; ``top``: more
+    top-level keys."""
     raw: dict[str, Any] = {
         "name": name,
         "datasets": [
@@ -69,6 +71,7 @@ def write_suite(
     }
     if tuning is not None:
         raw["tuning"] = tuning
+    raw.update(top)
     path = tmp_path / f"{name}.yaml"
     path.write_text(json.dumps(raw))  # JSON is YAML
     return path
@@ -179,11 +182,14 @@ def test_sigkill_one_of_two_workers_on_the_journal_file(tmp_path):
     assert_every_run_once(out, storage, load_suite(suite_path), killed)
 
 
-def test_run_with_two_workers_splits_threads_and_goes_through_the_queue(tmp_path):
-    suite_path = write_suite(tmp_path, name="two", seeds=(0, 1), rounds=2, threads=None)
+@pytest.mark.parametrize("where", ["flag", "suite"])
+def test_run_with_two_workers_splits_threads_and_goes_through_the_queue(tmp_path, where):
+    top = {"workers": 2} if where == "suite" else {}
+    suite_path = write_suite(tmp_path, name="two", seeds=(0, 1), rounds=2, threads=None, **top)
     out = tmp_path / "out"
+    flag = ["--workers", "2"] if where == "flag" else []
     res = subprocess.run(
-        [sys.executable, "-m", "pflbench.cli", "run", str(suite_path), "--workers", "2"]
+        [sys.executable, "-m", "pflbench.cli", "run", str(suite_path), *flag]
         + ["--out", str(out), "--no-report", "-q"],
         env=worker_env(),
         capture_output=True,
