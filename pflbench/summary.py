@@ -49,5 +49,6 @@ def write_summary(out: str | Path, table: tuple[pd.DataFrame, str] | None = None
         return None
     path = Path(out) / "summary.md"
     title = f"# Dice per method × site ({split} split, best-validation round, mean ± std over seeds)\n\n"
-    path.write_text(title + table.reset_index().to_markdown(index=False) + "\n")
+    rows = table.reset_index().fillna("–")  # a site the dataset does not have
+    path.write_text(title + rows.to_markdown(index=False) + "\n")
     return path
