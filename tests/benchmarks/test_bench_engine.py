@@ -18,6 +18,7 @@ from pflbench.registry import get_method
 from pflbench.suite import ModelSpec, OptimizerSpec, Protocol
 from pflbench.training import segmentation_loss
 
+ROUNDS = 10  # about a second each: enough for a stable median on a shared machine
 MODEL = ModelSpec(name="unet", options={"base": 16, "depth": 4})
 PROTO = Protocol(
     rounds=1,
@@ -41,7 +42,7 @@ def test_engine_fedavg_round(benchmark, data):
     torch.set_num_threads(1)
     fed = Federation(d, splits, get_method("fedavg")(), MODEL, PROTO, seed=0)
     fed._setup()
-    benchmark(fed._round, 1)
+    benchmark.pedantic(fed._round, args=(1,), rounds=ROUNDS, warmup_rounds=1)
 
 
 @pytest.mark.benchmark(group="engine-round")
@@ -83,4 +84,4 @@ def test_plain_pytorch_fedavg_round(benchmark, data):
                 if v.is_floating_point():
                     state[k].copy_(v)
 
-    benchmark(one_round)
+    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=1)

@@ -8,9 +8,12 @@ A round is the engine's own round (every client's local update and upload, the a
 client's receipt), timed after the setup and the warm-up round, so a ResFIM round includes its
 Fisher passes and its mask computation. Data: the synthetic fundus flavour at 32×32, 4 sites of
 32 images (about 22 for training) or, with ``--benchmark-enable`` only, 128 images (about 90);
-the suites' U-Net (base 8), one local epoch. ResFIM's Fisher work per mask round is fixed
-(K × ``fisher_samples`` = 64 per-sample gradients per client) while the local budget grows with
-the site, so the ratio to FedBN falls as sites grow; the small sites are the hard case.
+the suites' U-Net (base 8), one local epoch; and, also only with ``--benchmark-enable``, four
+sites sized like Fed-Fundus (101/159/400/400 images) under the medseg suite's two local epochs.
+ResFIM's Fisher work per mask round is fixed (K × ``fisher_samples`` = 64 per-sample gradients
+per client, each about as dear as one training sample) while the local budget grows with the site,
+so the ratio to FedBN is about 1 + K·fisher_samples / (epochs · training images): the small sites
+are the hard case.
 """
 
 from __future__ import annotations
@@ -40,48 +43,65 @@ PROTOCOL = Protocol(
 )
 
 
-_DATA: dict[int, FederatedData] = {}
+# the medseg suite's protocol (2 local epochs) on a federation sized like Fed-Fundus
+MEDSEG_PROTOCOL = PROTOCOL.model_copy(update={"local_epochs": 2})
+FUNDUS_SITES = (101, 159, 400, 400)
+
+_DATA: dict[tuple[int, ...], FederatedData] = {}
 
 
-def _data(per_site: int) -> FederatedData:
-    if per_site not in _DATA:
-        _DATA[per_site] = Synthetic(
-            flavour="fundus", size=32, images_per_site=[per_site] * 4, seed=0
+def _data(sites: tuple[int, ...]) -> FederatedData:
+    if sites not in _DATA:
+        _DATA[sites] = Synthetic(
+            flavour="fundus", size=32, images_per_site=list(sites), seed=0
         ).load()
-    return _DATA[per_site]
+    return _DATA[sites]
 
 
-def _federation(data: FederatedData, method: str, **params) -> Federation:
-    fed = Federation(data, make_splits(data), get_method(method)(**params), MODEL, PROTOCOL, 0)
+def _federation(
+    data: FederatedData, method: str, protocol: Protocol = PROTOCOL, **params
+) -> Federation:
+    fed = Federation(data, make_splits(data), get_method(method)(**params), MODEL, protocol, 0)
     fed._setup()
     fed._round(1)  # the warm-up round: after it ResFIM computes masks every round
     return fed
 
 
 ROUNDS = [
-    (32, "fedbn", {}),
-    (32, "resfim", {}),
-    (32, "resfim", {"fisher": "batch"}),
-    (32, "resfim", {"mask": "random"}),
-    (32, "resfim", {"mask_every": 2}),
-    (128, "fedbn", {}),
-    (128, "resfim", {}),
+    ("32img", "fedbn", {}),
+    ("32img", "resfim", {}),
+    ("32img", "resfim", {"fisher": "batch"}),
+    ("32img", "resfim", {"mask": "random"}),
+    ("32img", "resfim", {"mask_every": 2}),
+    ("128img", "fedbn", {}),
+    ("128img", "resfim", {}),
+    ("fundus-sized", "fedbn", {}),
+    ("fundus-sized", "resfim", {}),
 ]
+SETTINGS = {
+    "32img": ((32,) * 4, PROTOCOL, "round, 32 images per site, 1 local epoch"),
+    "128img": ((128,) * 4, PROTOCOL, "round, 128 images per site, 1 local epoch"),
+    "fundus-sized": (
+        FUNDUS_SITES,
+        MEDSEG_PROTOCOL,
+        "round, Fed-Fundus site sizes 101/159/400/400, 2 local epochs (medseg suite)",
+    ),
+}
 
 
 @pytest.mark.parametrize(
-    "per_site, method, params",
+    "setting, method, params",
     ROUNDS,
-    ids=[f"{n}img-{m}" + "".join(f"-{k}={v}" for k, v in p.items()) for n, m, p in ROUNDS],
+    ids=[f"{s}-{m}" + "".join(f"-{k}={v}" for k, v in p.items()) for s, m, p in ROUNDS],
 )
-def test_round(benchmark, per_site: int, method: str, params: dict) -> None:
-    if per_site > 32 and benchmark.disabled:
+def test_round(benchmark, setting: str, method: str, params: dict) -> None:
+    if setting != "32img" and benchmark.disabled:
         pytest.skip("the larger sites only run with --benchmark-enable")
     torch.set_num_threads(1)
-    data = _data(per_site)
-    fed = _federation(data, method, **params)
+    sites, protocol, group = SETTINGS[setting]
+    fed = _federation(_data(sites), method, protocol, **params)
     counter = itertools.count(2)
-    benchmark.group = f"round, {per_site} images per site"
+    benchmark.group = group
     benchmark.pedantic(lambda: fed._round(next(counter)), rounds=4, iterations=1)
     done = next(counter) - 2
     fisher = fed.budget.samples.get("fisher", 0)
@@ -98,7 +118,7 @@ def test_fisher(benchmark, estimator: str) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = UNet(3, 3, base=8, depth=3)
-    site = _data(32).sites[0]
+    site = _data((32,) * 4).sites[0]
     x, y = site.images[:16], site.labels[:16]
     fn = per_sample_fisher if estimator == "per_sample" else batch_fisher
     benchmark.group = "fisher (16 images)"
