@@ -77,8 +77,12 @@ def test_run_prints_dice_per_method_and_site_and_is_bitwise_reproducible(tmp_pat
     ):
         assert key in m, key
     assert m["threads"] == 1
-    res2 = cli("run", str(suite), "--out", str(tmp_path / "b"), "--quiet", "--no-report")
+    # the second time through two worker processes and the storage queue: same keys, same bits
+    res2 = cli(
+        "run", str(suite), "--out", str(tmp_path / "b"), "-q", "--no-report", "--workers", "2"
+    )
     assert res2.returncode == 0, res2.stderr
+    assert (tmp_path / "b" / "optuna.journal").exists()
     a = load_results(tmp_path / "a", "rounds").sort_values(
         ["run_key", "round", "client", "split", "structure", "metric"]
     )
