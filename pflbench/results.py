@@ -79,6 +79,23 @@ def write_run(out: str | Path, run_key: str, records: RunRecords) -> Path:
     return final
 
 
+def read_manifest(out: str | Path, run_key: str) -> dict[str, Any]:
+    return json.loads((results_dir(out) / run_key / "manifest.json").read_text())
+
+
+def write_alias(out: str | Path, run_key: str, alias_key: str, **updates: Any) -> Path:
+    """A finished run again under ``alias_key`` with its manifest updated (label, trial, …).
+
+    For a tuned configuration that equals the default one: the same configuration and seed give
+    the same bits, so the run is copied, not repeated, and each label keeps its own rows.
+    """
+    src = results_dir(out) / run_key
+    manifest = {**read_manifest(out, run_key), **updates}
+    manifest.update(run_key=alias_key, alias_of=run_key)
+    tables = {name: pd.read_parquet(src / f"{name}.parquet") for name in TABLES}
+    return write_run(out, alias_key, RunRecords(**tables, manifest=manifest))
+
+
 def iter_runs(out: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:
     """Finished runs under ``out`` (folders with DONE), with their manifests, in key order."""
     base = results_dir(out)

@@ -25,7 +25,7 @@ from pflbench.data import FederatedData, make_splits, splits_fingerprint
 from pflbench.engine import EvalCallback, Federation, RoundCallback, build_method
 from pflbench.params import resolve_params
 from pflbench.registry import get_dataset, get_method
-from pflbench.results import RunRecords, is_done, write_run
+from pflbench.results import RunRecords, is_done, read_manifest, write_alias, write_run
 from pflbench.suite import DatasetSpec, MethodSpec, ModelSpec, Protocol, Suite
 
 #: Dataset options that say where things are on this machine, not what the data is.
@@ -148,7 +148,7 @@ def execute(
     data, splits, fingerprint = data_cache.get(spec.dataset)
     run_key = spec.key(fingerprint)
     if is_done(out, run_key) and not force:
-        return run_key, None
+        return _labelled(out, run_key, spec), None
     started = datetime.now(timezone.utc).isoformat()
     method = build_method(spec.method)
     fed = Federation(
@@ -192,6 +192,21 @@ def execute(
     }
     write_run(out, run_key, RunRecords(result.rounds, result.comm, result.cases, manifest))
     return run_key, manifest
+
+
+def _labelled(out: str | Path, run_key: str, spec: RunSpec) -> str:
+    """The key under which ``spec``'s label finds its (already finished) run.
+
+    The label is not part of the run key (tuned == default is one configuration), but a sweep
+    reports both: when the finished run carries the other label, an alias copy with this label is
+    written once (``<run_key>-<label>``) so that each label keeps its rows.
+    """
+    if spec.label == "fixed" or read_manifest(out, run_key).get("label") == spec.label:
+        return run_key
+    alias = f"{run_key}-{spec.label}"
+    if not is_done(out, alias):
+        write_alias(out, run_key, alias, label=spec.label, **spec.extra)
+    return alias
 
 
 def run_suite(

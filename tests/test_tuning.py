@@ -594,3 +594,36 @@ def test_the_shipped_tuning_suite_is_valid_and_searches_method_parameters():
     assert {r.name for r in sweep_studies(suite) if r.kind == "tune"} == {
         f"tune-quick/tune/prostate16/{m}" for m in ("local", "fedavg", "fedprox")
     }
+
+
+def test_a_tuned_configuration_equal_to_the_default_is_reported_under_both_labels(tmp_path):
+    """The label is not in the run key, so tuned == default is one run; both labels get rows."""
+    import pandas as pd
+
+    from pflbench.results import load_results
+    from pflbench.runner import DataCache, RunSpec, execute
+
+    suite = parse_suite(base_suite(seeds=[0]), "s")
+    cache = DataCache()
+
+    def spec(label):
+        return RunSpec(
+            suite.datasets[0], suite.methods[0], 0, suite.protocol, suite.model, label=label
+        )
+
+    key, manifest = execute(spec("default"), tmp_path, cache)
+    assert manifest is not None and manifest["label"] == "default"
+    alias, again = execute(spec("tuned"), tmp_path, cache)
+    assert again is None and alias == f"{key}-tuned"  # copied, not trained again
+    stamp = (results_dir(tmp_path) / alias / "DONE").stat().st_mtime_ns
+    assert execute(spec("tuned"), tmp_path, cache) == (alias, None)  # written once
+    assert (results_dir(tmp_path) / alias / "DONE").stat().st_mtime_ns == stamp
+    assert execute(spec("default"), tmp_path, cache) == (key, None)
+    cases = load_results(tmp_path, "cases")
+    assert sorted(cases["label"].unique()) == ["default", "tuned"]
+    by = {lab: g.drop(columns=["run_key", "label"]) for lab, g in cases.groupby("label")}
+    pd.testing.assert_frame_equal(
+        by["default"].reset_index(drop=True), by["tuned"].reset_index(drop=True)
+    )
+    manifests = {m["label"]: m for _, m in iter_runs(tmp_path)}
+    assert manifests["tuned"]["alias_of"] == key and manifests["tuned"]["run_key"] == alias
