@@ -378,12 +378,9 @@ def comparison_table(
                 row["P(better/ROPE/worse)"] = ""
         else:
             r = v.loc[m]
-            row["Δ [95% CI]"] = fmt_ci(r["delta"], r["ci_low"], r["ci_high"], dec)
-            row["Holm p"] = "–" if r["too_few"] else fmt_p(r["p_holm"])
-            row["r"] = fmt_num(r["r_rb"], 2, sign=True)
-            row["Wins"] = f"{round(r['win_rate'] * r['n'])}/{r['n']}"
-            row["Zeros"] = str(int(r["n_zero"]))
-            row["Verdict"] = short_verdict(r["verdict"])
+            cells = _test_cells(r, dec)
+            verdict = cells.pop("Verdict")
+            row.update(cells, Zeros=str(int(r["n_zero"])), Verdict=verdict)
             if bayes:
                 row["P(better/ROPE/worse)"] = (
                     "–"
@@ -413,17 +410,22 @@ def comparison_table(
     )
 
 
+def _test_cells(r: pd.Series, dec: int) -> dict[str, str]:
+    """One paired comparison as table cells: effect with CI, corrected p, effect size, wins."""
+    return {
+        "Δ [95% CI]": fmt_ci(r["delta"], r["ci_low"], r["ci_high"], dec),
+        "Holm p": "–" if r["too_few"] else fmt_p(r["p_holm"]),
+        "r": fmt_num(r["r_rb"], 2, sign=True),
+        "Wins": f"{round(r['win_rate'] * r['n'])}/{r['n']}",
+        "Verdict": short_verdict(r["verdict"]),
+    }
+
+
 def pairs_table(comp: stats.Comparison, res: Results) -> Table:
     dec = res.decimals
     rows = {}
     for _, r in comp.pairs.iterrows():
-        rows[f"{r['a']} vs {r['b']}"] = {
-            "Δ [95% CI]": fmt_ci(r["delta"], r["ci_low"], r["ci_high"], dec),
-            "Holm p": "–" if r["too_few"] else fmt_p(r["p_holm"]),
-            "r": fmt_num(r["r_rb"], 2, sign=True),
-            "Wins": f"{round(r['win_rate'] * r['n'])}/{r['n']}",
-            "Verdict": short_verdict(r["verdict"]),
-        }
+        rows[f"{r['a']} vs {r['b']}"] = _test_cells(r, dec)
     cells = pd.DataFrame.from_dict(rows, orient="index")
     caption = (
         f"All pairs over N = {comp.n} blocks, k = {comp.k} methods, test {res.metric_label} "
@@ -444,14 +446,7 @@ def per_dataset_table(
         if comp is None:
             continue
         for _, r in comp.vs_reference.iterrows():
-            rows[f"{d}: {r['a']}"] = {
-                "N": str(comp.n),
-                "Δ [95% CI]": fmt_ci(r["delta"], r["ci_low"], r["ci_high"], dec),
-                "Holm p": "–" if r["too_few"] else fmt_p(r["p_holm"]),
-                "r": fmt_num(r["r_rb"], 2, sign=True),
-                "Wins": f"{round(r['win_rate'] * r['n'])}/{r['n']}",
-                "Verdict": short_verdict(r["verdict"]),
-            }
+            rows[f"{d}: {r['a']}"] = {"N": str(comp.n), **_test_cells(r, dec)}
     cells = pd.DataFrame.from_dict(rows, orient="index")
     caption = (
         f"Within each dataset: each method against {reference} over its clients (blocks), test "
