@@ -56,9 +56,13 @@ class APFL(Method):
     name = "apfl"
     paper = "Deng et al., arXiv:2003.13461"
     params = {
-        "alpha": Param(0.25, low=0.0, high=1.0, help="initial (or fixed) mixing weight α"),
+        "alpha": Param(
+            0.25, low=0.0, high=1.0, valid=(0, 1), help="initial (or fixed) mixing weight α"
+        ),
         "learn_alpha": Param(True, help="learn α by gradient descent (clipped to [0, 1])"),
-        "alpha_lr": Param(0.01, low=1e-4, high=1.0, log=True, help="η_α: SGD step size of α"),
+        "alpha_lr": Param(
+            0.01, low=1e-4, high=1.0, log=True, valid=(0, None), help="η_α: SGD step size of α"
+        ),
     }
 
     def local_update(self, client: Client) -> None:

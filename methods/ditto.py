@@ -36,8 +36,12 @@ class Ditto(Method):
     name = "ditto"
     paper = "Li et al., ICML 2021, arXiv:2012.04221"
     params = {
-        "lam": Param(0.1, low=1e-3, high=10.0, log=True, help="λ: pull of vᵢ towards w"),
-        "personal_epochs": Param(1, help="E_p: epochs of personal training per round"),
+        "lam": Param(
+            0.1, low=1e-3, high=10.0, log=True, valid=(0, None), help="λ: pull of vᵢ towards w"
+        ),
+        "personal_epochs": Param(
+            1, valid=(1, None), help="E_p: epochs of personal training per round"
+        ),
     }
 
     def local_update(self, client: Client) -> None:

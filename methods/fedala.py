@@ -58,12 +58,27 @@ class FedALA(Method):
     name = "fedala"
     paper = "Zhang et al., AAAI 2023, arXiv:2212.01197"
     params = {
-        "p": Param(2, help="top parameter tensors (from the end) that ALA blends; 0 = all"),
-        "s": Param(80.0, low=5.0, high=100.0, help="percent of local training data for ALA"),
-        "eta": Param(1.0, low=0.01, high=10.0, log=True, help="learning rate of the weights W"),
-        "threshold": Param(0.1, help="first ALA: stop when the loss std falls below this"),
-        "window": Param(10, help="first ALA: number of recent epoch losses in the std"),
-        "max_first_epochs": Param(20, help="first ALA: bound on its epochs"),
+        "p": Param(
+            2, valid=(0, None), help="top parameter tensors (from the end) that ALA blends; 0 = all"
+        ),
+        "s": Param(
+            80.0, low=5.0, high=100.0, valid=(1, 100), help="percent of local training data for ALA"
+        ),
+        "eta": Param(
+            1.0,
+            low=0.01,
+            high=10.0,
+            log=True,
+            valid=(0, None),
+            help="learning rate of the weights W",
+        ),
+        "threshold": Param(
+            0.1, valid=(0, None), help="first ALA: stop when the loss std falls below this"
+        ),
+        "window": Param(
+            10, valid=(2, None), help="first ALA: number of recent epoch losses in the std"
+        ),
+        "max_first_epochs": Param(20, valid=(1, None), help="first ALA: bound on its epochs"),
     }
 
     def receive(self, client: Client, message: Message) -> None:

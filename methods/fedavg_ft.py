@@ -30,7 +30,9 @@ class FedAvgFT(Method):
     name = "fedavg-ft"
     paper = "fine-tuning baseline (cf. arXiv:2108.07313) over FedAvg, arXiv:1602.05629"
     params = {
-        "finetune_steps": Param(10, low=1, high=100, log=True, help="K: fine-tuning steps"),
+        "finetune_steps": Param(
+            10, low=1, high=100, log=True, valid=(0, None), help="K: fine-tuning steps"
+        ),
     }
 
     def eval_model(self, client: Client) -> nn.Module:

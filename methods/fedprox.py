@@ -26,7 +26,9 @@ class FedProx(Method):
     name = "fedprox"
     paper = "Li et al., MLSys 2020, arXiv:1812.06127"
     params = {
-        "mu": Param(0.01, low=1e-4, high=1.0, log=True, help="proximal coefficient μ"),
+        "mu": Param(
+            0.01, low=1e-4, high=1.0, log=True, valid=(0, None), help="proximal coefficient μ"
+        ),
     }
 
     def local_update(self, client: Client) -> None:

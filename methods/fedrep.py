@@ -43,9 +43,13 @@ class FedRep(Method):
     name = "fedrep"
     paper = "Collins et al., ICML 2021, arXiv:2102.07078"
     params = {
-        "head_epochs": Param(10, low=1, high=20, help="τ_h: head epochs per round, body frozen"),
+        "head_epochs": Param(
+            10, low=1, high=20, valid=(1, None), help="τ_h: head epochs per round, body frozen"
+        ),
         "feature_cache_mb": Param(
-            2048, help="largest cache of body features per round before recomputing them"
+            2048,
+            valid=(0, None),
+            help="largest cache of body features per round before recomputing them",
         ),
     }
 

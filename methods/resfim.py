@@ -160,15 +160,23 @@ class ResFIM(Method):
     paper = "Zhu, Li, Wang, Lam, ISBI 2026, arXiv:2603.14848"
     params = {
         # tuned (spec ranges)
-        "rho": Param(0.2, 0.05, 0.5, help="fraction of entries kept personal, in [0, 1]"),
-        "beta": Param(0.05, 0.005, 0.2, log=True, help="low-frequency window half-width ratio"),
-        "lambda_min": Param(0.5, 0.0, 0.9, help="λ ~ U(lambda_min, 1) per transferred image"),
+        "rho": Param(0.2, 0.05, 0.5, valid=(0, 1), help="fraction of entries kept personal"),
+        "beta": Param(
+            0.05, 0.005, 0.2, log=True, valid=(0, 0.5), help="low-frequency window half-width ratio"
+        ),
+        "lambda_min": Param(
+            0.5, 0.0, 0.9, valid=(0, 1), help="λ ~ U(lambda_min, 1) per transferred image"
+        ),
         # fixed during tuning
-        "bank_size": Param(16, help="amplitude spectra each client uploads (≥ 1)"),
-        "fisher_samples": Param(16, help="local images per Fisher estimate (≥ 1)"),
-        "mask_every": Param(1, help="recompute the mask every this many rounds (≥ 1)"),
-        "warmup_rounds": Param(1, help="rounds sharing every parameter before the first mask"),
-        "style_augment": Param(0.0, help="probability in [0, 1] of a style-swapped train image"),
+        "bank_size": Param(16, valid=(1, None), help="amplitude spectra each client uploads"),
+        "fisher_samples": Param(16, valid=(1, None), help="local images per Fisher estimate"),
+        "mask_every": Param(1, valid=(1, None), help="recompute the mask every this many rounds"),
+        "warmup_rounds": Param(
+            1, valid=(0, None), help="rounds sharing every parameter before the first mask"
+        ),
+        "style_augment": Param(
+            0.0, valid=(0, 1), help="probability of a style-swapped training image"
+        ),
         # switches (ablation): validated against their choices, never searched by the tuner
         "fisher": Param(
             "per_sample",
@@ -222,21 +230,8 @@ class ResFIM(Method):
 
     def __init__(self, **hparams: Any) -> None:
         super().__init__(**hparams)
-        h = self.hparams
+        h = self.hparams  # ranges are checked by each Param's `valid`; here: combinations
         owner = f"method {self.name}"
-        for key, lo, hi in (
-            ("rho", 0.0, 1.0),
-            ("beta", 0.0, 0.5),
-            ("lambda_min", 0.0, 1.0),
-            ("style_augment", 0.0, 1.0),
-        ):
-            if not lo <= h[key] <= hi:
-                raise ParamError(f"{owner}: parameter {key!r} = {h[key]!r} must be in [{lo}, {hi}]")
-        for key, lo in (("bank_size", 1), ("fisher_samples", 1), ("mask_every", 1)):
-            if h[key] < lo:
-                raise ParamError(f"{owner}: parameter {key!r} = {h[key]!r} must be ≥ {lo}")
-        if h["warmup_rounds"] < 0:
-            raise ParamError(f"{owner}: parameter 'warmup_rounds' must be ≥ 0")
         if h["transfer"] == "none" and h["residual"]:
             raise ParamError(
                 f"{owner}: transfer 'none' leaves no other style to compare with, so residual "

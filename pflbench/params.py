@@ -16,7 +16,9 @@ class Param:
     """One hyperparameter of a method.
 
     ``low``/``high`` (with ``log``) give a numeric search range; ``choices`` a categorical one.
-    A parameter with neither is fixed during tuning.
+    A parameter with neither is fixed during tuning. ``valid`` = (min, max), inclusive, either
+    None for unbounded: the values the method accepts at all, checked on every value a suite
+    gives; the default and the search range must lie inside it.
     """
 
     default: Any
@@ -28,6 +30,26 @@ class Param:
     #: False for switches whose values are validated against ``choices`` but never searched
     #: (ablation switches are chosen by the suite, not by the tuner).
     search: bool = True
+    valid: tuple[float | None, float | None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.valid is None:
+            return
+        for what, value in (("default", self.default), ("low", self.low), ("high", self.high)):
+            if value is not None and not self._inside(value):
+                raise ValueError(f"{what} {value!r} lies outside valid {self.valid}")
+
+    def _inside(self, value: float) -> bool:
+        lo, hi = self.valid or (None, None)
+        return (lo is None or value >= lo) and (hi is None or value <= hi)
+
+    def _valid_text(self) -> str:
+        lo, hi = self.valid or (None, None)
+        if hi is None:
+            return f"≥ {lo:g}"
+        if lo is None:
+            return f"≤ {hi:g}"
+        return f"in [{lo:g}, {hi:g}]"
 
     @property
     def kind(self) -> type:
@@ -61,6 +83,10 @@ class Param:
             if kind is int and float(value) != int(value):
                 raise ParamError(f"{owner}: parameter {name!r} must be an integer, got {value!r}")
             value = kind(value)
+            if not self._inside(value):
+                raise ParamError(
+                    f"{owner}: parameter {name!r} = {value!r} must be {self._valid_text()}"
+                )
         return value
 
     def describe(self) -> str:
@@ -69,7 +95,7 @@ class Param:
             return values if self.search else f"switch {values}"
         if self.tunable:
             return f"[{self.low}, {self.high}]" + (" log" if self.log else "")
-        return "fixed"
+        return "fixed" + (f", {self._valid_text()}" if self.valid is not None else "")
 
 
 def resolve_params(
