@@ -37,7 +37,8 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _name_or_mapping(value: Any, options_key: str) -> Any:
+def _name_or_mapping(value: Any) -> Any:
+    """A bare name is short for ``{name: NAME}`` (datasets, methods, models)."""
     if isinstance(value, str):
         return {"name": value}
     return value
@@ -49,7 +50,7 @@ class DatasetSpec(_Strict):
     options: dict[str, Any] = Field(default_factory=dict)
     split_seed: int = 0
 
-    _short = model_validator(mode="before")(lambda v: _name_or_mapping(v, "options"))
+    _short = model_validator(mode="before")(_name_or_mapping)
 
     @property
     def key(self) -> str:
@@ -61,7 +62,7 @@ class MethodSpec(_Strict):
     label: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
 
-    _short = model_validator(mode="before")(lambda v: _name_or_mapping(v, "params"))
+    _short = model_validator(mode="before")(_name_or_mapping)
 
     @property
     def key(self) -> str:
@@ -72,7 +73,7 @@ class ModelSpec(_Strict):
     name: str = "unet"
     options: dict[str, Any] = Field(default_factory=dict)
 
-    _short = model_validator(mode="before")(lambda v: _name_or_mapping(v, "options"))
+    _short = model_validator(mode="before")(_name_or_mapping)
 
 
 class OptimizerSpec(_Strict):
