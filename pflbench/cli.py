@@ -74,8 +74,9 @@ def run(
 ) -> None:
     """Run every dataset × method × seed of SUITE (finished runs are skipped).
 
-    A suite with a `tuning` section, --workers > 1 or --storage goes through the Optuna storage
-    (a killed sweep resumes; more machines can join with `pflbench worker`).
+    A suite with a `tuning` section, more than one worker (--workers, or the suite's `workers`)
+    or --storage goes through the Optuna storage (a killed sweep resumes; more machines can join
+    with `pflbench worker`).
     """
     from pflbench.pool import resolve_workers, start_children, stop_children
 
