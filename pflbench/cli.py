@@ -262,10 +262,10 @@ def show(method: str) -> None:
     out_console.print(f"[bold]{method}[/] — {getattr(cls, 'paper', '')}")
     out_console.print((cls.__doc__ or "").strip())
     t = Table(title="hyperparameters")
-    for col in ("name", "default", "search space", "help"):
+    for col in ("name", "default", "search space", "accepts", "help"):
         t.add_column(col)
     for name, p in getattr(cls, "params", {}).items():
-        t.add_row(name, repr(p.default), p.describe(), p.help)
+        t.add_row(name, repr(p.default), p.describe(), p.accepts() or "any", p.help)
     out_console.print(t)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from pflbench.params import Param
 from pflbench.registry import registry
 
 START, END = "<!-- methods:start -->", "<!-- methods:end -->"
@@ -16,12 +17,20 @@ START, END = "<!-- methods:start -->", "<!-- methods:end -->"
 
 def methods_table() -> str:
     """Markdown: every built-in or installed method, its paper and its hyperparameters."""
-    rows = ["| method | paper | hyperparameters (default, search space) |", "|---|---|---|"]
+    rows = [
+        "| method | paper | hyperparameters (default, search space, accepted values) |",
+        "|---|---|---|",
+    ]
     for name, cls in sorted(registry("methods").load_all().items()):
         params = getattr(cls, "params", {})
-        hp = "; ".join(f"`{k}`={p.default!r} {p.describe()}" for k, p in params.items()) or "–"
+        hp = "; ".join(_param_text(k, p) for k, p in params.items()) or "–"
         rows.append(f"| `{name}` | {getattr(cls, 'paper', '')} | {hp} |")
     return "\n".join(rows)
+
+
+def _param_text(name: str, p: Param) -> str:
+    accepts = p.accepts()
+    return f"`{name}`={p.default!r} {p.describe()}" + (f" ({accepts})" if accepts else "")
 
 
 def render(readme: str) -> str:

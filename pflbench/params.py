@@ -43,6 +43,10 @@ class Param:
         lo, hi = self.valid or (None, None)
         return (lo is None or value >= lo) and (hi is None or value <= hi)
 
+    def accepts(self) -> str:
+        """The valid bounds in words ("≥ 1", "in [0, 1]"), "" when unbounded."""
+        return self._valid_text() if self.valid is not None else ""
+
     def _valid_text(self) -> str:
         lo, hi = self.valid or (None, None)
         if hi is None:
@@ -95,7 +99,7 @@ class Param:
             return values if self.search else f"switch {values}"
         if self.tunable:
             return f"[{self.low}, {self.high}]" + (" log" if self.log else "")
-        return "fixed" + (f", {self._valid_text()}" if self.valid is not None else "")
+        return "fixed"
 
 
 def resolve_params(

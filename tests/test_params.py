@@ -16,7 +16,7 @@ def test_valid_bounds_are_inclusive_and_named_in_the_error():
     q = Param(3, valid=(1, None))
     with pytest.raises(ParamError, match=r"'k' = 0 must be ≥ 1"):
         q.check("k", 0, "m")
-    assert q.describe() == "fixed, ≥ 1"
+    assert q.describe() == "fixed" and q.accepts() == "≥ 1" and Param(1).accepts() == ""
 
 
 def test_a_declaration_outside_its_own_valid_range_is_refused():
