@@ -314,6 +314,15 @@ class Federation:
         self.timings["eval_s"] += time.perf_counter() - t0
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
+    def _client_partition_sizes(self) -> dict[str, dict[str, int]]:
+        """Shared and personal entries of each client's own partition at the end (element masks
+        included), next to the method's base partition in the manifest."""
+        sizes = {}
+        for cid in self.ids:
+            client = self._open(cid, self.rounds_done)
+            sizes[cid] = partition_sizes(self.model, self.method.fresh().client_partition(client))
+        return sizes
+
     def run(self) -> RunOutput:
         start = time.perf_counter()
         threads = self.protocol.threads
@@ -358,6 +367,7 @@ class Federation:
                 ):
                     self._evaluate(self.rounds_done)
                 cases = self._final_cases()
+            client_sizes = self._client_partition_sizes()
         finally:
             self.store.close()
         self.timings["total_s"] = time.perf_counter() - start
@@ -371,6 +381,7 @@ class Federation:
             "device": str(self.device),
             "budget": dict(self.budget.samples),
             "partition_sizes": partition_sizes(probe, self.method.partition(probe)),
+            "client_partition_sizes": client_sizes,
             "selected_rounds": {cid: r for cid, (_, r) in self.best.items()},
             "peak_memory_mb": peak_memory_mb(self.device),
         }

@@ -11,7 +11,8 @@ Layout of one finished run (``<out>/results/<run_key>/``)::
                               structure, dice, iou, hd95, assd
     manifest.json    the run's configuration and provenance (run_key, dataset, method, params,
                      seed, label, protocol, model, data fingerprint, git, versions, threads,
-                     device, timings, peak memory, budget, partition sizes, bytes)
+                     device, timings, peak memory, budget, bytes, partition sizes of the
+                     method's base partition and of each client's own)
     DONE             written last; a folder without it is an unfinished run and is ignored
 
 The run columns (run_key, dataset, method, label, seed) are added when tables are read back with

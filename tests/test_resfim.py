@@ -517,6 +517,24 @@ def test_communication_is_the_bank_the_parameters_and_one_bit_masks() -> None:
     assert out.info["budget"]["fisher"] == k * 7 * k  # 7 train images, D_k + 2 transfers
 
 
+def test_the_manifest_records_each_clients_own_partition() -> None:
+    """The base partition is the warm-up one; each client's element masks show per client."""
+    data = tiny_federation()
+    fed, out = run(data, ResFIM(bank_size=4), rounds=2)
+    model = fed.model
+    n_params = sum(p.numel() for p in model.parameters())
+    n_stats = sum(model.state_dict()[k].numel() for k in bn_stat_keys(model))
+    base = out.info["partition_sizes"]
+    per_client = out.info["client_partition_sizes"]
+    assert set(per_client) == {s.name for s in data.sites}
+    for sizes in per_client.values():
+        assert sizes["shared"] + sizes["personal"] == base["shared"] + base["personal"]
+        # top-ρ of every parameter tensor personal (rounded per tensor), BN statistics too
+        personal_params = sizes["personal"] - n_stats
+        assert abs(personal_params - 0.2 * n_params) <= len(list(model.parameters()))
+        assert sizes["personal"] > base["personal"]
+
+
 class _Spy(ResFIM):
     """Records everything that crosses the boundary (test only)."""
 
