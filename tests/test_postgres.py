@@ -16,6 +16,7 @@ import uuid
 import optuna
 import pytest
 from optuna.trial import TrialState
+from test_tuning import tuning_section
 from test_workers import (
     all_trials,
     assert_every_run_once,
@@ -48,17 +49,7 @@ def unique(prefix: str) -> str:
 
 
 def test_tuning_sweep_on_postgres_reads_back_the_same_budget(tmp_path):
-    tuning = {
-        "trials": 3,
-        "seeds": [10],
-        "sampler": {"startup_trials": 3},
-        "pruner": {"name": "none"},
-        "search": {
-            "lr": {"low": 1e-3, "high": 0.1, "log": True},
-            "local_epochs": None,
-            "batch_size": None,
-        },
-    }
+    tuning = tuning_section(3, sampler={"startup_trials": 3}, pruner={"name": "none"})
     suite_path = write_suite(tmp_path, unique("pgtune"), seeds=(0,), rounds=2, tuning=tuning)
     suite = load_suite(suite_path)
     config = resolve_storage(PG_URL, tmp_path)

@@ -21,6 +21,7 @@ from typing import Any
 import optuna
 import pytest
 from optuna.trial import TrialState
+from test_tuning import base_suite, tuning_section
 
 from pflbench.pool import cpu_count
 from pflbench.results import iter_runs
@@ -41,37 +42,12 @@ def write_suite(
     threads: int | None = 1,
     **top: Any,
 ) -> Path:
-    """A fixed (or tuning) suite of about a second per run on synthetic data; ``top``: more
-    top-level keys."""
-    raw: dict[str, Any] = {
-        "name": name,
-        "datasets": [
-            {
-                "name": "synthetic",
-                "options": {
-                    "flavour": "prostate",
-                    "size": 16,
-                    "sites": 2,
-                    "images_per_site": [12, 12],
-                },
-            }
-        ],
-        "methods": list(methods),
-        "seeds": list(seeds),
-        "model": {"name": "unet", "options": {"base": 8, "depth": 2}},
-        "protocol": {
-            "rounds": rounds,
-            "local_epochs": 2,
-            "batch_size": 4,
-            "threads": threads,
-            "device": "cpu",
-            "surface_metrics": False,
-            "optimizer": {"name": "adam", "lr": 0.03},
-        },
-    }
+    """A fixed (or tuning) suite of about a second per run on synthetic data (test_tuning's
+    small federation); ``top``: more top-level keys."""
+    raw = base_suite(name=name, methods=list(methods), seeds=list(seeds), **top)
+    raw["protocol"].update(rounds=rounds, threads=threads, optimizer={"name": "adam", "lr": 0.03})
     if tuning is not None:
         raw["tuning"] = tuning
-    raw.update(top)
     path = tmp_path / f"{name}.yaml"
     path.write_text(json.dumps(raw))  # JSON is YAML
     return path
@@ -210,17 +186,7 @@ def test_run_with_two_workers_splits_threads_and_goes_through_the_queue(tmp_path
 
 @pytest.mark.slow
 def test_sigkill_during_tuning_keeps_the_budget_exact(tmp_path):
-    tuning = {
-        "trials": 4,
-        "seeds": [10],
-        "sampler": {"startup_trials": 2},
-        "pruner": {"name": "none"},
-        "search": {
-            "lr": {"low": 1e-3, "high": 0.1, "log": True},
-            "local_epochs": None,
-            "batch_size": None,
-        },
-    }
+    tuning = tuning_section(4, sampler={"startup_trials": 2}, pruner={"name": "none"})
     suite_path = write_suite(tmp_path, name="tkill", seeds=(0,), methods=("fedavg",), tuning=tuning)
     out = tmp_path / "out"
     url = f"journal:{out / 'optuna.journal'}"
