@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -33,11 +35,16 @@ class APFL(Method):
     (2020).
 
     Each step on a batch: w ← w − η∇f(w) (the suite's optimizer, exactly FedAvg's step);
-    v ← v − η∇ᵥ f(mix) and α ← clip(α − η_α ∂f/∂α, 0, 1) with mix = α·v(x) + (1 − α)·w(x).
+    v ← v − η∇ᵥ f(mix) and α ← clip(α − η_α (∂f/∂α + c·α), 0, 1) with
+    mix = α·v(x) + (1 − α)·w(x) and c = ``alpha_reg`` (default 0.02, the official code's
+    regularizer: FedTorch's ``alpha_update`` adds ``0.02 * alpha`` to the gradient of α; the
+    paper does not mention it). Checked against the official code (MLOPTPSU/FedTorch,
+    ``alpha_update``) and PFLlib's ``clientapfl``.
 
     Choice: **output mixing** (the official code's loss), not the paper's weight mixing: the
     mixture's logits are α·v(x) + (1 − α)·w(x), and the evaluated model is the same output
-    mixture (:class:`Mixture`). ∂f/∂α is exact autograd of that loss. w(x) in the mixture is
+    mixture (:class:`Mixture`). ∂f/∂α is exact autograd of that loss (the official code uses
+    ⟨v − w, α∇v + (1 − α)∇w⟩, the derivative under weight mixing). w(x) in the mixture is
     the detached output of w's own step on the same batch, i.e. before w's update (the official
     code re-runs w after its update): this saves a forward pass and keeps w's BN statistics
     updated once per batch, so that w's trajectory is FedAvg's bit for bit. α is updated by plain
@@ -55,6 +62,19 @@ class APFL(Method):
 
     name = "apfl"
     paper = "Deng et al., arXiv:2003.13461"
+    official_code = "MLOPTPSU/FedTorch (alpha_update); PFLlib clientapfl"
+    shares = "w, the client's copy of the global model (FedAvg, BN statistics included)"
+    personal = "v and αᵢ (never sent)"
+    evaluates = "the output mixture αᵢ·v(x) + (1 − αᵢ)·w(x)"
+    extra_passes = "none (v trains on w's batches; about twice FedAvg's compute)"
+    deviations: ClassVar[tuple[str, ...]] = (
+        "∂f/∂α is the exact derivative of the output-mixture loss, not the official "
+        "weight-mixing formula ⟨v − w, α∇v + (1 − α)∇w⟩",
+        "α has its own SGD rate alpha_lr (the paper: the model's η), because the suite's "
+        "optimizer may be Adam",
+        "α is updated every step (the official code: once per round); w(x) in the mixture is w's "
+        "output before its step on the batch",
+    )
     params = {
         "alpha": Param(
             0.25, low=0.0, high=1.0, valid=(0, 1), help="initial (or fixed) mixing weight α"
@@ -62,6 +82,9 @@ class APFL(Method):
         "learn_alpha": Param(True, help="learn α by gradient descent (clipped to [0, 1])"),
         "alpha_lr": Param(
             0.01, low=1e-4, high=1.0, log=True, valid=(0, None), help="η_α: SGD step size of α"
+        ),
+        "alpha_reg": Param(
+            0.02, valid=(0, None), help="c: c·α added to ∂f/∂α (official code: 0.02)"
         ),
     }
 
@@ -85,7 +108,8 @@ class APFL(Method):
             mix = a * v(x) + (1 - a) * out_w.detach()
             step(opt_v, client.loss(mix, y), where + " personal")
             if self.learn_alpha and a.grad is not None:
-                alpha = min(1.0, max(0.0, alpha - self.alpha_lr * float(a.grad)))
+                grad = float(a.grad) + self.alpha_reg * alpha
+                alpha = min(1.0, max(0.0, alpha - self.alpha_lr * grad))
         client.keep_optimizer(opt_w, key="main")
         client.keep_optimizer(opt_v, key="personal")
         client.state[PERSONAL] = cloned_state(v)

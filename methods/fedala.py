@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import numpy as np
 import torch
 from torch import nn
@@ -13,6 +15,7 @@ from pflbench.messages import Message
 from pflbench.method import Method
 from pflbench.methods._common import frozen
 from pflbench.params import Param
+from pflbench.partition import Partition, floating_entries
 from pflbench.training import check_finite
 
 WEIGHTS, STARTED = "fedala/weights", "fedala/started"
@@ -33,8 +36,8 @@ class FedALA(Method):
     Personalized Federated Learning", AAAI 2023 (arXiv 2212.01197); details follow the official
     code (TsingZ0/FedALA, ``ALA.py``).
 
-    On receipt of w (``receive``): every entry outside the top-p tensors (lower parameters and all
-    buffers) ← w; for the top p parameter tensors, θ̂ = θᵢ + (w − θᵢ) ⊙ W, where W (initialised to
+    On receipt of w (``receive``): every parameter outside the top-p tensors ← w; for the top p
+    parameter tensors, θ̂ = θᵢ + (w − θᵢ) ⊙ W, where W (initialised to
     ones, kept in ``client.state`` across rounds) is learned by W ← clip(W − η·∇_θ̂ f ⊙ (w − θᵢ),
     0, 1) on a random s% (``s``, default 80) of the client's *training* data, on a temporary
     copy with the lower parameters frozen. The first time ALA runs for a client it repeats
@@ -47,16 +50,27 @@ class FedALA(Method):
     of ``model.named_parameters()``; p = 0 means all, as in the official code. Default p = 2: the
     last layer's weight and bias (the paper's "p = 1 layer"; for the U-Nets the 1×1 head).
 
-    Choices: ALA runs in ``receive`` for every client that receives w (as the official server
-    sends to all clients), so the evaluated model θᵢ is the blended one; buffers (BN running
-    statistics) are taken from w (the official code averages parameters only and has no global
-    buffers); the epoch loss recorded for the settling rule is the epoch's mean (the official
-    code records the last batch's). Extra local passes (budget label ``ala``): the ALA epochs.
-    Evaluated model: θᵢ (the client model). Optimizer state reset every round.
+    Buffers: as in the official code, which builds, uploads, averages and blends
+    ``parameters()`` only, the BN running statistics are never sent, averaged or overwritten:
+    each client keeps its own (the partition shares parameters only). Choices: ALA runs in
+    ``receive`` for every client that receives w (as the official server sends to all clients),
+    so the evaluated model θᵢ is the blended one; the epoch loss recorded for the settling rule
+    is the epoch's mean (the official code records the last batch's). Extra local passes (budget
+    label ``ala``): the ALA epochs. Evaluated model: θᵢ (the client model). Optimizer state
+    reset every round.
     """
 
     name = "fedala"
     paper = "Zhang et al., AAAI 2023, arXiv:2212.01197"
+    official_code = "TsingZ0/FedALA (ALA.py); PFLlib clientala"
+    shares = "parameters (weights, biases, BN γ/β); never buffers"
+    personal = "BN running statistics; the ALA weights W"
+    evaluates = "θᵢ: the ALA blend of w into the client's model, then trained"
+    extra_passes = "`ala`: the ALA weight-learning epochs on s % of the training data"
+    deviations: ClassVar[tuple[str, ...]] = (
+        "the settling rule reads the mean loss of each ALA epoch (the official code: its last "
+        "batch's loss)",
+    )
     params = {
         "p": Param(
             2, valid=(0, None), help="top parameter tensors (from the end) that ALA blends; 0 = all"
@@ -80,6 +94,11 @@ class FedALA(Method):
         ),
         "max_first_epochs": Param(20, valid=(1, None), help="first ALA: bound on its epochs"),
     }
+
+    def partition(self, model: nn.Module) -> Partition:
+        """Parameters only: buffers (BN running statistics) stay with the client."""
+        params = {n for n, _ in model.named_parameters()}
+        return {k: bool(v and k in params) for k, v in floating_entries(model).items()}
 
     def receive(self, client: Client, message: Message) -> None:
         model = client.model

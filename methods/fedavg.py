@@ -20,3 +20,4 @@ class FedAvg(Method):
 
     name = "fedavg"
     paper = "McMahan et al., AISTATS 2017, arXiv:1602.05629"
+    official_code = "no official code released; PFLlib serveravg"

@@ -29,6 +29,10 @@ class FedAvgFT(Method):
 
     name = "fedavg-ft"
     paper = "fine-tuning baseline (cf. arXiv:2108.07313) over FedAvg, arXiv:1602.05629"
+    official_code = "no official code (a baseline); FedAvg as `fedavg`"
+    personal = "nothing (the fine-tuned copy is rebuilt at each evaluation)"
+    evaluates = "a copy of w fine-tuned for K steps"
+    extra_passes = "`finetune`: K steps at every evaluation"
     params = {
         "finetune_steps": Param(
             10, low=1, high=100, log=True, valid=(0, None), help="K: fine-tuning steps"

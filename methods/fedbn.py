@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import nn
 
 from pflbench.client import Client
@@ -29,6 +31,13 @@ class FedBN(Method):
 
     name = "fedbn"
     paper = "Li et al., ICLR 2021, arXiv:2102.07623"
+    official_code = "med-air/FedBN; PFLlib clientbn"
+    shares = "every entry outside normalization layers"
+    personal = "normalization layers (affine parameters and running statistics), selected by type"
+    evaluates = "the client's model (shared entries + own norm layers)"
+    deviations: ClassVar[tuple[str, ...]] = (
+        "on InstanceNorm or GroupNorm models their affine parameters stay local (the paper covers BatchNorm only)",
+    )
 
     def partition(self, model: nn.Module) -> Partition:
         return local_partition(model, norm_keys(model), self.name, "normalization layers")

@@ -45,6 +45,10 @@ class FedPer(Method):
 
     name = "fedper"
     paper = "Arivazhagan et al., arXiv:1912.00818"
+    official_code = "no official code released; PFLlib clientper"
+    shares = "the body (all but the head)"
+    personal = "the head (1×1 conv); `head: decoder`: decoder + head"
+    evaluates = "shared body + own head"
     params = {
         "head": Param(
             "head", choices=("head", "decoder"), help="personal part: 1×1 head, or decoder + head"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from pflbench.client import Client
 from pflbench.method import Method
 from pflbench.methods._common import param_snapshot, proximal_term
@@ -25,6 +27,10 @@ class FedProx(Method):
 
     name = "fedprox"
     paper = "Li et al., MLSys 2020, arXiv:1812.06127"
+    official_code = "litian96/FedProx; PFLlib clientprox"
+    deviations: ClassVar[tuple[str, ...]] = (
+        "the paper's inexact local solver and device stragglers (variable local work) are not modelled: every client runs the suite's budget",
+    )
     params = {
         "mu": Param(
             0.01, low=1e-4, high=1.0, log=True, valid=(0, None), help="proximal coefficient μ"

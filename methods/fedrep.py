@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -42,6 +44,16 @@ class FedRep(Method):
 
     name = "fedrep"
     paper = "Collins et al., ICML 2021, arXiv:2102.07078"
+    official_code = "lgcollins/FedRep; PFLlib clientrep"
+    shares = "the body (all but the head)"
+    personal = "the head (1×1 conv)"
+    evaluates = "shared body + own head"
+    extra_passes = (
+        "`head`: the head epochs' pass over the body (once per round with the feature cache)"
+    )
+    deviations: ClassVar[tuple[str, ...]] = (
+        "head epochs run on body features cached once per round, so mini-batches keep their composition across head epochs (the paper reshuffles; exact otherwise)",
+    )
     params = {
         "head_epochs": Param(
             10, low=1, high=20, valid=(1, None), help="τ_h: head epochs per round, body frozen"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -74,6 +75,10 @@ class FedRoD(Method):
     personal head starts at zero, so the first personalized prediction is the generic one (a bias
     initialised at the local log prior was tried and learned more slowly on the synthetic data).
 
+    Compared with FL-MedSegBench: its FedRoD trains the body and generic head with the plain
+    (unbalanced) segmentation loss; here, as in the paper and PFLlib, the generic head is trained
+    with the balanced loss. Rows of the two benchmarks are therefore not the same method.
+
     Evaluated model: :class:`RoDModel` (generic + personal logits); the body + generic head is
     the global model for unseen sites. No extra passes over the data (the personal head reuses
     each batch's features; budget label ``local`` only). Optimizer state reset every round.
@@ -82,6 +87,14 @@ class FedRoD(Method):
 
     name = "fedrod"
     paper = "Chen & Chao, ICLR 2022, arXiv:2107.00778"
+    official_code = "hongyouc/Fed-RoD; PFLlib clientrod; FL-MedSegBench (plain-loss generic head)"
+    shares = "body + generic head (and their BN statistics)"
+    personal = "the personal head (starts at zero, never sent)"
+    evaluates = "body → generic logits + personal logits"
+    deviations: ClassVar[tuple[str, ...]] = (
+        "balanced loss by pixel-class frequency (the paper's class frequency, for segmentation)",
+        "the personal head starts at zero (PFLlib copies the initial head)",
+    )
 
     def _personal_head(self, client: Client, head: nn.Module) -> nn.Module:
         ph = copy.deepcopy(head)

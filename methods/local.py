@@ -20,6 +20,10 @@ class Local(Method):
 
     name = "local"
     paper = "no paper: the non-federated reference point"
+    official_code = "none (reference point)"
+    shares = "nothing; no bytes"
+    personal = "the whole model"
+    evaluates = "θᵢ"
     communicates = False
 
     def partition(self, model: nn.Module) -> Partition:

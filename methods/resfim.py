@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -158,6 +158,14 @@ class ResFIM(Method):
 
     name = "resfim"
     paper = "Zhu, Li, Wang, Lam, ISBI 2026, arXiv:2603.14848"
+    official_code = "none public: everything beyond the abstract follows reference/resfim.md"
+    shares = "element-wise: the entries outside each client's top-ρ residual-Fisher mask"
+    personal = "the top-ρ entries of each tensor by residual Fisher; BN running statistics (bn_stats: local)"
+    evaluates = "the client's personalized model"
+    extra_passes = "`fisher`: K × fisher_samples Fisher samples per mask round"
+    deviations: ClassVar[tuple[str, ...]] = (
+        "the method section is not public: the Fisher estimator, spectral transfer, normalization and masking rules are a reconstruction (reference/resfim.md)",
+    )
     params = {
         # tuned (spec ranges)
         "rho": Param(0.2, 0.05, 0.5, valid=(0, 1), help="fraction of entries kept personal"),

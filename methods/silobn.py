@@ -38,6 +38,10 @@ class SiloBN(Method):
 
     name = "silobn"
     paper = "Andreux et al., 2020, arXiv:2008.07424"
+    official_code = "no official code released"
+    shares = "everything except BN running statistics (γ/β shared)"
+    personal = "BN running statistics"
+    evaluates = "the client's model (shared weights, own statistics)"
 
     def partition(self, model: nn.Module) -> Partition:
         return local_partition(

@@ -1,7 +1,7 @@
 """Reference tables generated from the registry, so the README cannot drift from the code.
 
-``python -m pflbench.docs`` rewrites the block between the markers in README.md; a test fails when
-the README is out of date.
+``python -m pflbench.docs`` rewrites the blocks between the markers in README.md (the methods
+table and the fidelity table); a test fails when the README is out of date.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pflbench.params import Param
 from pflbench.registry import registry
 
 START, END = "<!-- methods:start -->", "<!-- methods:end -->"
+FIDELITY_START, FIDELITY_END = "<!-- fidelity:start -->", "<!-- fidelity:end -->"
 
 
 def methods_table() -> str:
@@ -28,15 +29,45 @@ def methods_table() -> str:
     return "\n".join(rows)
 
 
+def fidelity_table() -> str:
+    """Markdown: what each method was checked against, what it shares and keeps, what it
+    evaluates, its extra passes and every declared deviation (from the classes' declarations)."""
+    rows = [
+        "| method | paper | official code read | shared | personal | evaluated model "
+        "| extra passes | declared deviations |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, cls in sorted(registry("methods").load_all().items()):
+        deviations = getattr(cls, "deviations", ())
+        dev = "<br>".join(f"{i}. {d}" for i, d in enumerate(deviations, 1)) or "none"
+        cells = [
+            f"`{name}`",
+            getattr(cls, "paper", ""),
+            getattr(cls, "official_code", "") or "–",
+            getattr(cls, "shares", ""),
+            getattr(cls, "personal", ""),
+            getattr(cls, "evaluates", ""),
+            getattr(cls, "extra_passes", ""),
+            dev,
+        ]
+        rows.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(rows)
+
+
 def _param_text(name: str, p: Param) -> str:
     accepts = p.accepts()
     return f"`{name}`={p.default!r} {p.describe()}" + (f" ({accepts})" if accepts else "")
 
 
+def _replace_block(text: str, start: str, end: str, body: str) -> str:
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{body}\n{end}{tail}"
+
+
 def render(readme: str) -> str:
-    head, rest = readme.split(START, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{START}\n{methods_table()}\n{END}{tail}"
+    readme = _replace_block(readme, START, END, methods_table())
+    return _replace_block(readme, FIDELITY_START, FIDELITY_END, fidelity_table())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -382,6 +382,7 @@ class Federation:
             "budget": dict(self.budget.samples),
             "partition_sizes": partition_sizes(probe, self.method.partition(probe)),
             "client_partition_sizes": client_sizes,
+            "deviations": self.method.active_deviations(),
             "selected_rounds": {cid: r for cid, (_, r) in self.best.items()},
             "peak_memory_mb": peak_memory_mb(self.device),
         }

@@ -46,6 +46,22 @@ class Method:
     #: False for methods that never send anything (Local).
     communicates: ClassVar[bool] = True
 
+    # fidelity: what the implementation was checked against and where it departs from it. The
+    # README's fidelity table is generated from these (``python -m pflbench.docs``), so that the
+    # claims a reader sees are the ones the class makes.
+    #: The official code (and other implementations) the method was read against.
+    official_code: ClassVar[str] = ""
+    #: What the clients send and the server averages.
+    shares: ClassVar[str] = "every floating-point entry (weights, biases, BN running statistics)"
+    #: What stays on the client.
+    personal: ClassVar[str] = "nothing"
+    #: The model each client is evaluated with.
+    evaluates: ClassVar[str] = "the global model w"
+    #: Passes over local data beyond the suite's budget (their budget labels).
+    extra_passes: ClassVar[str] = "none"
+    #: Every deliberate departure from the paper or its official code, one sentence each.
+    deviations: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, **hparams: Any) -> None:
         self.hparams: dict[str, Any] = resolve_params(
             self.params, hparams, f"method {self.name or type(self).__name__}"
@@ -56,6 +72,11 @@ class Method:
         if hp is not None and item in hp:
             return hp[item]
         raise AttributeError(f"{type(self).__name__!s} has no attribute {item!r}")
+
+    def active_deviations(self) -> list[str]:
+        """Deviations of this configuration: the declared ones plus those its hyperparameters
+        switch on (recorded in the run's manifest)."""
+        return list(self.deviations)
 
     def fresh(self) -> Method:
         """A new instance with the same hyperparameters (one per client hook call)."""

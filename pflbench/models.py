@@ -6,11 +6,9 @@ never look inside a model by name substrings; they rely on what the model declar
 
 ``head_path``
     module path of the prediction head, a 1×1 convolution (FedPer, FedRep, FedBABU, FedRoD).
-``lower_path``
-    module path of the lower (representation) layers that LG-FedAvg keeps private: the encoder
-    stem. ``"encoder.0"`` for :class:`UNet`; for :class:`TimmUNet` the stem's first module that
-    exists in the timm feature network (``"encoder.conv1"`` for ResNets, see
-    :class:`TimmUNet`).
+``encoder_path``
+    module path of the encoder (the representation that LG-FedAvg keeps private): ``"encoder"``
+    for both U-Nets. Everything outside it and the head is the decoder (``decoder``).
 ``feature_forward(x)`` and ``feature_channels``
     the body: ``model.head(model.feature_forward(x))`` is exactly ``model(x)``, and
     ``feature_channels`` is the channel count entering the head, so that a method can attach
@@ -181,8 +179,8 @@ class UNet(nn.Module):
 
     Module tree (top-level children and paths that methods use):
 
-    - ``encoder``: ``nn.ModuleList``; ``encoder.0`` is the stem (a :class:`ConvBlock` at full
-      resolution, ``lower_path``); ``encoder.i`` (i ≥ 1) = ``pool`` + ``block``.
+    - ``encoder`` (``encoder_path``): ``nn.ModuleList``; ``encoder.0`` is the stem (a
+      :class:`ConvBlock` at full resolution); ``encoder.i`` (i ≥ 1) = ``pool`` + ``block``.
     - ``decoder``: ``nn.ModuleList`` of ``depth`` stages, deepest first; each = ``up`` + ``block``.
     - ``head``: ``nn.Conv2d(base, out_channels, 1)`` (``head_path``).
 
@@ -201,7 +199,7 @@ class UNet(nn.Module):
         "connections, 1×1 conv head (base 16, depth 4, BatchNorm: ~1.9 M parameters)"
     )
     head_path: ClassVar[str] = "head"
-    lower_path: ClassVar[str] = "encoder.0"
+    encoder_path: ClassVar[str] = "encoder"
 
     def __init__(
         self,
@@ -271,7 +269,6 @@ class UNet(nn.Module):
 _TIMM_MISSING = (
     'the "unet-timm" model needs timm, which is not installed: pip install "pflbench[timm]"'
 )
-_STEM_CANDIDATES = ("stem", "conv_stem", "conv1", "patch_embed", "stem_0", "features")
 _HF_PREFIXES = ("hf-hub:", "hf_hub:")
 
 
@@ -394,12 +391,8 @@ class TimmUNet(nn.Module):
     gives each stage's width (length = number of stages; default ``16·2**k`` down to 16, i.e.
     (256, 128, 64, 32, 16) for resnet18). ``head`` is a 1×1 conv to ``out_channels``.
 
-    ``lower_path`` (LG-FedAvg's private lower layers) is the first module of the encoder stem that
-    exists in the timm feature network, chosen in this order: ``stem``, ``conv_stem``, ``conv1``,
-    ``patch_embed``, ``stem_0``, ``features``, else the first child holding parameters. For
-    ResNets that is ``"encoder.conv1"`` (the 7×7 conv; its ``bn1`` is not part of it), for
-    EfficientNets ``"encoder.conv_stem"``, for ConvNeXt ``"encoder.stem_0"`` (timm flattens the
-    stem Sequential into ``stem_0`` conv and ``stem_1`` norm).
+    ``encoder_path`` is ``"encoder"``: the whole timm feature network (LG-FedAvg's private
+    representation).
 
     Input H and W must be multiples of the encoder's total stride (32 for the usual CNN encoders).
 
@@ -413,7 +406,7 @@ class TimmUNet(nn.Module):
         'inputs multiple of 32; needs pip install "pflbench[timm]"'
     )
     head_path: ClassVar[str] = "head"
-    lower_path: str = "encoder.conv1"  # the default encoder's; set per instance from the encoder
+    encoder_path: ClassVar[str] = "encoder"
 
     def __init__(
         self,
@@ -460,7 +453,6 @@ class TimmUNet(nn.Module):
         self.out_channels = out_channels
         self.encoder_name = encoder
         self.size_multiple = max(reductions)
-        self.lower_path = "encoder." + self._stem_name()
 
         n_stages = len(enc_channels) - 1 + (1 if reductions[0] > 1 else 0)
         if decoder_channels is None:
@@ -484,16 +476,6 @@ class TimmUNet(nn.Module):
         self.decoder = nn.ModuleList(stages)
         self.feature_channels = decoder_channels[-1]
         self.head = nn.Conv2d(self.feature_channels, out_channels, kernel_size=1)
-
-    def _stem_name(self) -> str:
-        children = dict(self.encoder.named_children())
-        for name in _STEM_CANDIDATES:
-            if name in children:
-                return name
-        for name, child in children.items():
-            if any(True for _ in child.parameters()):
-                return name
-        raise ValueError(f"unet-timm: cannot find the stem of encoder {self.encoder_name!r}")
 
     def feature_forward(self, x: torch.Tensor) -> torch.Tensor:
         """Body features (``N×feature_channels×H×W``) entering the head."""

@@ -18,7 +18,9 @@ class Param:
     ``low``/``high`` (with ``log``) give a numeric search range; ``choices`` a categorical one.
     A parameter with neither is fixed during tuning. ``valid`` = (min, max), inclusive, either
     None for unbounded: the values the method accepts at all, checked on every value a suite
-    gives; the default and the search range must lie inside it.
+    gives; the default and the search range must lie inside it. A default of ``None`` means
+    "follow the suite" (e.g. Ditto's personal budget); ``value_type`` then says what a given value must
+    be.
     """
 
     default: Any
@@ -31,6 +33,8 @@ class Param:
     #: (ablation switches are chosen by the suite, not by the tuner).
     search: bool = True
     valid: tuple[float | None, float | None] | None = None
+    #: The value type when the default (None) does not say it.
+    value_type: type | None = None
 
     def __post_init__(self) -> None:
         if self.valid is None:
@@ -57,7 +61,7 @@ class Param:
 
     @property
     def kind(self) -> type:
-        return type(self.default)
+        return self.value_type if self.value_type is not None else type(self.default)
 
     @property
     def tunable(self) -> bool:
@@ -67,6 +71,8 @@ class Param:
 
     def check(self, name: str, value: Any, owner: str) -> Any:
         """Coerce and validate ``value``; the error names the owner and the parameter."""
+        if value is None and self.default is None:
+            return None
         if self.choices is not None:
             # compare types too: 1 == True, but an integer is not a valid boolean switch
             if not any(value == c and type(value) is type(c) for c in self.choices):

@@ -291,18 +291,29 @@ def test_fedrep_trains_head_then_body_and_keeps_the_head_local(runs):
 # LG-FedAvg ----------------------------------------------------------------------------------------
 
 
-def test_lgfedavg_keeps_the_lower_part_local(runs):
+def test_lgfedavg_keeps_the_encoder_local(runs):
     cls, _ = runs["lgfedavg"]
     model = tiny_unet()
-    lower = {
+    encoder = {
         k
         for k, v in model.state_dict().items()
-        if k.startswith("encoder.0.") and v.is_floating_point()
+        if k.startswith("encoder.") and v.is_floating_point()
     }
-    assert lower
-    _check_local_part(cls.models, lower)
+    assert encoder
+    _check_local_part(cls.models, encoder)
 
 
-def test_lgfedavg_refuses_an_undeclared_lower_part():
-    with pytest.raises(PartitionError, match=r"lgfedavg.*_NoHeadPath.*lower_path"):
+def test_lgfedavg_body_reading_shares_only_the_head():
+    cls, _ = _run_captured("lgfedavg", local="body")
+    model = tiny_unet()
+    body = {
+        k
+        for k, v in model.state_dict().items()
+        if not k.startswith("head.") and v.is_floating_point()
+    }
+    _check_local_part(cls.models, body)
+
+
+def test_lgfedavg_refuses_an_undeclared_encoder():
+    with pytest.raises(PartitionError, match=r"lgfedavg.*_NoHeadPath.*encoder_path"):
         get_method("lgfedavg")().partition(_NoHeadPath())

@@ -133,7 +133,7 @@ def test_ditto_evaluates_the_personal_model_and_counts_its_pass():
             assert torch.equal(v, personal[k]), (cid, k)
         assert not torch.equal(personal["head.weight"], cls.models[cid]["head.weight"])
     budget = out.info["budget"]
-    assert budget["personal"] * 2 == budget["local"]  # 1 personal epoch vs the suite's 2
+    assert budget["personal"] == budget["local"] > 0  # vᵢ gets the suite's budget, as w does
 
 
 # APFL --------------------------------------------------------------------------------------------
@@ -211,6 +211,7 @@ def test_fedala_blends_only_the_chosen_tensors_with_weights_in_unit_interval(p, 
     method.receive(client, message)
     after = state_of(client.model)
     top = ala_tensors(client.model, p)
+    params = {n for n, _ in client.model.named_parameters()}
     weights = client.state[WEIGHTS]
     assert set(weights) == set(top)
     for k, v in after.items():
@@ -218,8 +219,10 @@ def test_fedala_blends_only_the_chosen_tensors_with_weights_in_unit_interval(p, 
             w = weights[k]
             assert w.min() >= 0 and w.max() <= 1
             assert torch.equal(v, local[k] + (glob[k] - local[k]) * w), k
-        elif v.is_floating_point():
-            assert torch.equal(v, glob[k]), k  # lower layers and buffers ← global
+        elif k in params:
+            assert torch.equal(v, glob[k]), k  # lower parameters ← global
+        else:
+            assert torch.equal(v, local[k]), k  # buffers (BN statistics) stay the client's
     all_w = torch.cat([w.flatten() for w in weights.values()])  # clipped at both ends, not only
     assert (all_w == 0).any() and (all_w == 1).any() and ((all_w > 0) & (all_w < 1)).any()
     assert not torch.equal(after["head.weight"], glob["head.weight"])

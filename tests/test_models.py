@@ -67,12 +67,11 @@ def test_unet_named_parts():
     assert isinstance(model.encoder, nn.ModuleList)
     assert isinstance(model.decoder, nn.ModuleList)
     assert len(model.encoder) == 5 and len(model.decoder) == 4
-    assert UNet.head_path == "head" and UNet.lower_path == "encoder.0"
+    assert UNet.head_path == "head" and UNet.encoder_path == "encoder"
     assert model.get_submodule(model.head_path) is model.head
-    stem = model.get_submodule(model.lower_path)
-    assert stem is model.encoder[0]
+    assert model.get_submodule(model.encoder_path) is model.encoder
     # the stem is the full-resolution block that sees the input channels
-    assert stem.conv1.in_channels == 1
+    assert model.encoder[0].conv1.in_channels == 1
     assert UNet.name == "unet" and UNet.description
 
 
@@ -234,8 +233,8 @@ def test_timm_unet_resnet18_shape_and_contract(timm, in_ch):
     model = TimmUNet(in_ch, 4, encoder="resnet18", pretrained=False)
     assert [name for name, _ in model.named_children()] == ["encoder", "decoder", "head"]
     assert TimmUNet.name == "unet-timm" and TimmUNet.description
-    assert model.head_path == "head" and model.lower_path == "encoder.conv1"
-    assert model.get_submodule(model.lower_path).in_channels == in_ch
+    assert model.head_path == "head" and model.encoder_path == "encoder"
+    assert model.get_submodule(model.encoder_path).conv1.in_channels == in_ch
     assert isinstance(model.head, nn.Conv2d) and model.head.kernel_size == (1, 1)
     assert model.head.out_channels == 4 and model.head.in_channels == model.feature_channels
     assert model.decoder_channels == (256, 128, 64, 32, 16)
@@ -252,14 +251,10 @@ def test_timm_unet_resnet18_shape_and_contract(timm, in_ch):
         assert model(torch.randn(1, in_ch, 96, 32)).shape == (1, 4, 96, 32)
 
 
-@pytest.mark.parametrize(
-    ("encoder", "stem"),
-    [("efficientnet_b0", "encoder.conv_stem"), ("convnext_atto", "encoder.stem_0")],
-)
-def test_timm_unet_other_encoders(timm, encoder, stem):
+@pytest.mark.parametrize("encoder", ["efficientnet_b0", "convnext_atto"])
+def test_timm_unet_other_encoders(timm, encoder):
     model = TimmUNet(1, 2, encoder=encoder, decoder_channels=None).eval()
-    assert model.lower_path == stem
-    model.get_submodule(stem)
+    assert model.get_submodule(model.encoder_path) is model.encoder
     with torch.no_grad():
         assert model(torch.randn(1, 1, 64, 64)).shape == (1, 2, 64, 64)
 
