@@ -16,13 +16,22 @@ START, END = "<!-- methods:start -->", "<!-- methods:end -->"
 FIDELITY_START, FIDELITY_END = "<!-- fidelity:start -->", "<!-- fidelity:end -->"
 
 
+def builtin_methods() -> dict[str, type]:
+    """The methods this package ships (installed plugins are not the README's to document)."""
+    return {
+        name: cls
+        for name, cls in sorted(registry("methods").load_all().items())
+        if cls.__module__.startswith("pflbench.methods.")
+    }
+
+
 def methods_table() -> str:
     """Markdown: every built-in or installed method, its paper and its hyperparameters."""
     rows = [
         "| method | paper | hyperparameters (default, search space, accepted values) |",
         "|---|---|---|",
     ]
-    for name, cls in sorted(registry("methods").load_all().items()):
+    for name, cls in builtin_methods().items():
         params = getattr(cls, "params", {})
         hp = "; ".join(_param_text(k, p) for k, p in params.items()) or "–"
         rows.append(f"| `{name}` | {getattr(cls, 'paper', '')} | {hp} |")
@@ -37,7 +46,7 @@ def fidelity_table() -> str:
         "| extra passes | declared deviations |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name, cls in sorted(registry("methods").load_all().items()):
+    for name, cls in builtin_methods().items():
         deviations = getattr(cls, "deviations", ())
         dev = "<br>".join(f"{i}. {d}" for i, d in enumerate(deviations, 1)) or "none"
         cells = [
