@@ -815,15 +815,13 @@ class FolderDataset(Dataset):
         root = self.root_path()
         report = CheckReport(dataset=self.name, root=str(root))
         if not root.is_dir():
-            report.problems.append(
-                f"{root}: the root folder does not exist or is not a folder.\n{self.tree_text()}"
-            )
+            report.problems.append(f"{root}: the root folder does not exist or is not a folder")
+            report.expected_tree = self.tree_text()
             return report
         inv = self.scan(root)
         report.problems.extend(inv.problems)
-        if inv.missing_folder:  # print the expected layout once, under the first missing folder
-            first = next(i for i, p in enumerate(report.problems) if p.startswith("missing "))
-            report.problems[first] += f"\n{self.tree_text()}"  # missing() wrote it
+        if inv.missing_folder:  # the expected layout, printed once after the problem list
+            report.expected_tree = self.tree_text()
         with ThreadPoolExecutor(_workers()) as pool:
             for site, items in inv.sites.items():
                 sizes: Counter[str] = Counter()
@@ -899,6 +897,8 @@ def format_check(report: CheckReport) -> Any:
     if report.problems:
         parts.append(Text(f"{len(report.problems)} problem(s):", style="bold red"))
         parts.extend(Text(f"  - {p}") for p in report.problems)
+        if report.expected_tree:
+            parts.append(Text(report.expected_tree))
     else:
         parts.append(Text("no problems found", style="bold green"))
     return Group(*parts)

@@ -24,6 +24,8 @@ class CheckReport:
     root: str
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    #: The layout the loader expects, printed once after the problems when a folder is missing.
+    expected_tree: str = ""
 
     @property
     def ok(self) -> bool:

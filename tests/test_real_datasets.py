@@ -205,6 +205,7 @@ def test_missing_root_prints_expected_tree(name: str, tmp_path: Path) -> None:
     assert cls.expected_tree.splitlines()[1].strip() in msg
     report = cls(root=str(missing)).check()
     assert not report.ok and str(missing) in report.problems[0]
+    assert cls.expected_tree.splitlines()[1].strip() in report.expected_tree
 
 
 @pytest.mark.parametrize("name", list(LOADERS))
@@ -217,9 +218,11 @@ def test_missing_site_folder_is_malformed(name: str, tmp_path: Path) -> None:
         ds.load()
     msg = str(err.value)
     assert str(site_dir) in msg and "Expected layout" in msg
-    problems = ds.check().problems
-    assert any(str(site_dir) in p for p in problems)
-    assert sum("Expected layout" in p for p in problems) == 1
+    report = ds.check()
+    assert any(str(site_dir) in p for p in report.problems)
+    # the layout is printed once, after the problems, never inside one of them
+    assert not any("Expected layout" in p for p in report.problems)
+    assert report.expected_tree.startswith("Expected layout")
 
 
 @pytest.mark.parametrize("name", list(LOADERS))
