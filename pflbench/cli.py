@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -20,7 +21,7 @@ out_console = Console(width=None if sys.stdout.isatty() else 200)
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
     sys.exit(2)
 
 
@@ -30,12 +31,105 @@ def main() -> None:
     """Personalized federated learning benchmarks for multi-site medical image segmentation."""
 
 
-def _load(suite_path: str) -> Suite:
+def _load(suite_path: str, overrides: tuple[str, ...] = ()) -> Suite:
     try:
-        return load_suite(suite_path)
+        return load_suite(suite_path, overrides)
     except SuiteError as exc:
         _fail(str(exc))
         raise  # unreachable
+
+
+def _workers_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    """``--workers N`` or ``--workers auto`` (as the suite's ``workers`` accepts)."""
+    if value is None or value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise click.BadParameter(f"{value!r}: expected a positive integer or 'auto'")
+    return n
+
+
+SET_OPTION = click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a suite key (dotted path, YAML value; repeatable), validated like the file: "
+    "--set protocol.rounds=2 --set seeds=[0] --set datasets.0.options.size=32.",
+)
+DRY_RUN_OPTION = click.option(
+    "--dry-run",
+    is_flag=True,
+    help="List the planned runs (run key, DONE or not) and totals; train nothing.",
+)
+
+
+def _run_overrides(overrides: tuple[str, ...], threads: int | None) -> tuple[str, ...]:
+    return overrides + ((f"protocol.threads={threads}",) if threads is not None else ())
+
+
+def _dry_run(suite: Suite, out_dir: Path) -> None:
+    """Print what a run would do; nothing is trained or written."""
+    from pflbench.runner import planned_runs
+
+    if suite.tuning is not None:
+        from pflbench.results import iter_runs
+
+        t = Table(title=f"{suite.name}: tuning plan (nothing is run)")
+        for col in ("dataset", "method", "trials", "tuning seeds", "final runs"):
+            t.add_column(col)
+        n_final = 0
+        for d in suite.datasets:
+            for m in suite.methods:
+                finals = 2 * len(suite.seeds)  # tuned + default per reporting seed
+                n_final += finals
+                t.add_row(
+                    d.key,
+                    m.key,
+                    str(suite.tuning.trials),
+                    ",".join(map(str, suite.tuning.seeds)),
+                    f"{finals} (tuned + default × seeds {','.join(map(str, suite.seeds))})",
+                )
+        out_console.print(t)
+        studies = len(suite.datasets) * len(suite.methods)
+        done = sum(1 for _ in iter_runs(out_dir)) if out_dir.is_dir() else 0
+        out_console.print(
+            f"{studies} studies × {suite.tuning.trials} trials + {n_final} final runs "
+            f"(a tuned configuration equal to the default is run once); {done} finished runs "
+            f"already in {out_dir}"
+        )
+        return
+    rows = planned_runs(suite, out_dir)
+    t = Table(title=f"{suite.name}: planned runs → {out_dir}")
+    for col in ("dataset", "method", "label", "seed", "run key", "status"):
+        t.add_column(col)
+    for r in rows.itertuples():
+        t.add_row(
+            r.dataset, r.method, r.label, str(r.seed), r.run_key, "DONE" if r.done else "to run"
+        )
+    out_console.print(t)
+    done = int(rows["done"].sum())
+    out_console.print(
+        f"{len(rows)} runs: {done} DONE, {len(rows) - done} to run "
+        f"({suite.protocol.rounds} rounds each)"
+    )
+
+
+def _preflight_or_fail(suite: Suite, out_dir: Path, planned: int, children=None) -> None:
+    from pflbench.preflight import preflight
+
+    problems = preflight(suite, out_dir, planned)
+    if problems:
+        if children:
+            from pflbench.pool import stop_children
+
+            stop_children(children)
+        for p in problems:
+            console.print(f"[bold red]error:[/] {p}", markup=True, highlight=False, soft_wrap=True)
+        sys.exit(2)
 
 
 def default_out(suite: Suite, suite_path: str) -> Path:
@@ -53,10 +147,19 @@ def default_out(suite: Suite, suite_path: str) -> Path:
 @click.option("--no-report", is_flag=True, help="Skip the report at the end.")
 @click.option(
     "--workers",
-    type=click.IntRange(min=1),
+    callback=_workers_option,
+    metavar="N|auto",
     help="Local worker processes taking runs from the storage queue; CPU threads (or GPUs) "
-    "are split between them. Default: the suite's `workers` (1 unless it says otherwise).",
+    "are split between them; auto: one per `threads` CPUs. Default: the suite's `workers` "
+    "(1 unless it says otherwise).",
 )
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    help="Torch CPU threads per run (the suite's protocol.threads; not part of the run key).",
+)
+@SET_OPTION
+@DRY_RUN_OPTION
 @click.option(
     "--storage",
     envvar="PFLBENCH_STORAGE",
@@ -69,8 +172,11 @@ def run(
     out: str | None,
     quiet: bool,
     no_report: bool,
-    workers: int | None = None,
+    workers: int | str | None = None,
     storage: str | None = None,
+    threads: int | None = None,
+    overrides: tuple[str, ...] = (),
+    dry_run: bool = False,
 ) -> None:
     """Run every dataset × method × seed of SUITE (finished runs are skipped).
 
@@ -80,26 +186,31 @@ def run(
     """
     from pflbench.pool import resolve_workers, start_children, stop_children
 
+    overrides = _run_overrides(overrides, threads)
+    if dry_run:
+        suite = _load(suite_path, overrides)
+        _dry_run(suite, Path(out) if out else default_out(suite, suite_path))
+        return
     # Children first, so that their imports overlap ours (they wait until the sweep exists); the
     # suite's own `workers` is read from the raw file here, and checked after validation.
-    raw = peek_suite(suite_path)
+    raw = peek_suite(suite_path, overrides)
     requested = workers if workers is not None else raw.get("workers", 1)
     n = resolve_workers(requested, (raw.get("protocol") or {}).get("threads"))
-    children = start_children(suite_path, out, storage, n) if n > 1 else None
-    suite = _load(suite_path)
+    children = start_children(suite_path, out, storage, n, overrides) if n > 1 else None
+    suite = _load(suite_path, overrides)
     requested = workers if workers is not None else suite.workers
     if resolve_workers(requested, suite.protocol.threads) != n:  # the raw peek was wrong
         stop_children(children or [])
         n, children = resolve_workers(requested, suite.protocol.threads), None
     workers = n
     out_dir = Path(out) if out else default_out(suite, suite_path)
-    out_dir.mkdir(parents=True, exist_ok=True)
     sweep = suite.tuning is not None or workers > 1 or storage is not None
 
     from pflbench.runner import plan, run_suite
     from pflbench.summary import dice_table, write_summary
 
     cells = plan(suite)
+    _preflight_or_fail(suite, out_dir, len(cells), children)
     n_runs = len(cells)
     t_start = time.perf_counter()
     skipped = 0
@@ -195,6 +306,8 @@ def run(
     "machines, or copy the results/ folders together afterwards.",
 )
 @click.option("--threads", type=click.IntRange(min=1), help="Torch CPU threads (default: all).")
+@SET_OPTION
+@DRY_RUN_OPTION
 @click.option("--index", type=click.IntRange(min=0), hidden=True)
 @click.option("--wait-go", is_flag=True, hidden=True)
 @click.option("--quiet", "-q", is_flag=True, help="Only errors.")
@@ -206,6 +319,8 @@ def worker(
     index: int | None,
     quiet: bool,
     wait_go: bool = False,
+    overrides: tuple[str, ...] = (),
+    dry_run: bool = False,
 ) -> None:
     """Join the sweep of SUITE in --storage and take runs until none is left."""
     from pflbench.worker import worker_main
@@ -215,8 +330,15 @@ def worker(
 
         if not wait_for_go():
             return  # the parent stopped before setting the sweep up; it reports why
-    suite = _load(suite_path)
+    suite = _load(suite_path, overrides)
     out_dir = Path(out) if out else default_out(suite, suite_path)
+    if dry_run:
+        _dry_run(suite, out_dir)
+        return
+    if not wait_go:  # a child's parent made these checks already
+        from pflbench.runner import plan
+
+        _preflight_or_fail(suite, out_dir, len(plan(suite)))
     out_dir.mkdir(parents=True, exist_ok=True)
     try:
         stats = worker_main(suite, out_dir, storage, threads=threads, index=index, quiet=quiet)
@@ -243,30 +365,82 @@ def list_(kind: str) -> None:
     eps = reg.entry_points()
     for name in reg.names():
         try:
-            obj = reg.load(name)
-            doc = (getattr(obj, "__doc__", "") or "").strip().splitlines()
-            t.add_row(name, eps[name].value, doc[0] if doc else "")
+            t.add_row(name, eps[name].value, _summary(reg.load(name)))
         except RegistryError:
             t.add_row(name, eps[name].value, f"[red]failed to import: {reg.errors.get(name)}[/]")
     out_console.print(t)
 
 
+def _summary(obj: object) -> str:
+    """A plugin's one-line summary: its declared ``description``, else its docstring's first line."""
+    description = getattr(obj, "description", "")
+    if isinstance(description, str) and description.strip():
+        return description.strip()
+    doc = (getattr(obj, "__doc__", "") or "").strip().splitlines()
+    return doc[0] if doc else ""
+
+
+def _find_plugin(name: str) -> tuple[str, object]:
+    """The kind and class of ``name``: methods first, then datasets, then models."""
+    import difflib
+
+    kinds = ("methods", "datasets", "models")
+    for kind in kinds:
+        reg = registry(kind)
+        if name in reg.names() or (":" in name and kind == "methods"):
+            try:
+                return kind, reg.load(name)
+            except RegistryError as exc:
+                _fail(str(exc))
+    known = {k: registry(k).names() for k in kinds}
+    close = difflib.get_close_matches(name, [n for v in known.values() for n in v], n=3)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    listing = "; ".join(f"{k}: {', '.join(v)}" for k, v in known.items())
+    _fail(f"unknown method, dataset or model {name!r}{hint} ({listing})")
+    raise AssertionError  # unreachable
+
+
 @main.command()
-@click.argument("method")
-def show(method: str) -> None:
-    """Show a method's paper, hyperparameters, defaults and search ranges."""
-    try:
-        cls = registry("methods").load(method)
-    except RegistryError as exc:
-        _fail(str(exc))
-    out_console.print(f"[bold]{method}[/] — {getattr(cls, 'paper', '')}")
+@click.argument("name")
+def show(name: str) -> None:
+    """Show a method (paper, hyperparameters, defaults, search ranges), a dataset (options,
+    expected folder layout) or a model (options)."""
+    kind, cls = _find_plugin(name)
+    if kind == "methods":
+        out_console.print(f"[bold]{name}[/] — {getattr(cls, 'paper', '')}")
+        out_console.print((cls.__doc__ or "").strip())
+        t = Table(title="hyperparameters")
+        for col in ("name", "default", "search space", "accepts", "help"):
+            t.add_column(col)
+        for pname, p in getattr(cls, "params", {}).items():
+            t.add_row(pname, repr(p.default), p.describe(), p.accepts() or "any", p.help)
+        out_console.print(t)
+        return
+    out_console.print(f"[bold]{name}[/] ({kind[:-1]}) — {_summary(cls)}")
     out_console.print((cls.__doc__ or "").strip())
-    t = Table(title="hyperparameters")
-    for col in ("name", "default", "search space", "accepts", "help"):
-        t.add_column(col)
-    for name, p in getattr(cls, "params", {}).items():
-        t.add_row(name, repr(p.default), p.describe(), p.accepts() or "any", p.help)
+    t = Table(title="options")
+    t.add_column("option")
+    t.add_column("default")
+    for oname, default in _init_options(cls).items():
+        t.add_row(oname, default)
     out_console.print(t)
+    tree = getattr(cls, "expected_tree", "")
+    if tree:
+        out_console.print(
+            "[bold]expected layout[/] (`pflbench data check " + name + " --root DIR`):"
+        )
+        out_console.print(tree.strip("\n"), markup=False, highlight=False)
+
+
+def _init_options(cls: type) -> dict[str, str]:
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    return {
+        k: ("required" if p.default is inspect.Parameter.empty else repr(p.default))
+        for k, p in params.items()
+        if k != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    }
 
 
 @main.command()
@@ -347,8 +521,21 @@ def data() -> None:
 @data.command()
 @click.argument("name")
 @click.option("--root", required=True, type=click.Path(), help="The dataset folder.")
-def check(name: str, root: str) -> None:
+@click.option(
+    "--sites",
+    help="Comma-separated sites to check (a partial copy of a dataset), e.g. RUNMC,BMC.",
+)
+@click.option(
+    "--option",
+    "options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A loader option, as in the suite's `options` (YAML value); repeatable.",
+)
+def check(name: str, root: str, sites: str | None, options: tuple[str, ...]) -> None:
     """List counts and every problem of a dataset folder; exit 1 if any problem is found."""
+    import yaml
+
     from pflbench.data import DataError
 
     try:
@@ -357,15 +544,25 @@ def check(name: str, root: str) -> None:
         _fail(str(exc))
     from pflbench.datasets._io import format_check
 
+    kwargs: dict[str, object] = {"root": root}
+    for item in options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            _fail(f"--option {item!r}: expected KEY=VALUE")
+        kwargs[key.strip()] = yaml.safe_load(value)
+    if sites:
+        kwargs["sites"] = [s.strip() for s in sites.split(",") if s.strip()]
+    known = _init_options(cls)
+    unknown = sorted(set(kwargs) - set(known))
+    if unknown:
+        _fail(f"dataset {name!r} has no option(s) {unknown}; its options: {', '.join(known)}")
     try:
-        report = cls(root=root).check()
-    except DataError as exc:
+        report = cls(**kwargs).check()
+    except (DataError, TypeError, ValueError) as exc:
         _fail(str(exc))
     out_console.print(format_check(report))
     if report.problems:
-        out_console.print(f"{len(report.problems)} problem(s) found")
         sys.exit(1)
-    out_console.print("no problems found")
 
 
 def entry() -> None:

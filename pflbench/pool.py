@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +62,16 @@ def gpu_assignment(workers: int) -> list[str | None]:
 
 
 def start_children(
-    suite_path: str, out: str | Path | None, storage_url: str | None, workers: int
+    suite_path: str,
+    out: str | Path | None,
+    storage_url: str | None,
+    workers: int,
+    overrides: Sequence[str] = (),
 ) -> list[subprocess.Popen[bytes]]:
     """Start workers 1..N-1 as ``pflbench worker --wait-go`` processes with their thread share
     and GPU; they do their imports, then wait for :func:`release` before reading the suite.
-    ``out`` and ``storage_url`` may be left to the suite's defaults, as on the command line."""
+    ``out`` and ``storage_url`` may be left to the suite's defaults, as on the command line;
+    ``overrides`` (``--set``) reach every child, so that all workers read the same suite."""
     share = thread_share(workers)
     gpus = gpu_assignment(workers)
     procs: list[subprocess.Popen[bytes]] = []
@@ -78,6 +84,8 @@ def start_children(
         cmd = [sys.executable, "-m", "pflbench.cli", "worker", suite_path]
         cmd += ["--storage", storage_url] if storage_url is not None else []
         cmd += ["--out", str(out)] if out is not None else []
+        for item in overrides:
+            cmd += ["--set", item]
         cmd += ["--threads", str(share), "--index", str(i), "--quiet", "--wait-go"]
         procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE))
     return procs

@@ -20,6 +20,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Literal
 
+import pandas as pd
+
 from pflbench import __version__
 from pflbench.data import FederatedData, make_splits, splits_fingerprint
 from pflbench.engine import EvalCallback, Federation, RoundCallback, build_method
@@ -83,6 +85,26 @@ def plan(suite: Suite) -> list[RunSpec]:
         for m in suite.methods
         for s in suite.seeds
     ]
+
+
+def planned_runs(suite: Suite, out: str | Path, cache: DataCache | None = None) -> pd.DataFrame:
+    """The cells a run of ``suite`` into ``out`` consists of, with their run keys and whether each
+    is DONE (for ``--dry-run``). Run keys hash the data, so every dataset is loaded once."""
+    cache = cache or DataCache()
+    rows = []
+    for spec in plan(suite):
+        key = spec.key(cache.get(spec.dataset)[2])
+        rows.append(
+            {
+                "dataset": spec.dataset.key,
+                "method": spec.method.key,
+                "label": spec.label,
+                "seed": spec.seed,
+                "run_key": key,
+                "done": is_done(out, key),
+            }
+        )
+    return pd.DataFrame(rows, columns=["dataset", "method", "label", "seed", "run_key", "done"])
 
 
 class DataCache:

@@ -7,9 +7,11 @@ dataset options; an unset variable is an error that names it.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -383,18 +385,62 @@ def _check_options(cls: type, options: dict[str, Any]) -> str | None:
     return None
 
 
-def peek_suite(path: str | Path) -> dict[str, Any]:
+def apply_overrides(raw: Any, overrides: Sequence[str], where: str) -> Any:
+    """``raw`` with each ``KEY=VALUE`` override applied (Hydra-style dotted paths; list items by
+    index: ``datasets.0.options.size=32``; VALUE is YAML: ``seeds=[0,1]``). The result is then
+    validated like the file, so a wrong key or value gets the same error as in the file."""
+    if not overrides:
+        return raw
+    raw = copy.deepcopy(raw) if raw is not None else {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        path = [p for p in key.strip().split(".") if p]
+        if not sep or not path:
+            raise SuiteError(f"{where}: --set {item!r}: expected KEY=VALUE, e.g. protocol.rounds=2")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise SuiteError(
+                f"{where}: --set {item!r}: the value is not valid YAML ({exc})"
+            ) from None
+        node = raw
+        for i, part in enumerate(path):
+            last = i == len(path) - 1
+            shown = ".".join(path[: i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise SuiteError(
+                        f"{where}: --set {item!r}: {shown} must be an index below {len(node)}"
+                    )
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    node = node.setdefault(part, {})
+            else:  # e.g. a short-form entry (`- fedavg`) that has no keys to set
+                parent = ".".join(path[:i])
+                raise SuiteError(
+                    f"{where}: --set {item!r}: {parent} is {node!r}, not a mapping or a list"
+                )
+    return raw
+
+
+def peek_suite(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The suite file's raw mapping, unvalidated, or {} if it cannot be read: for the decisions
     ``pflbench run`` takes before the (slower) validation, which reports any problem later."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+        raw = apply_overrides(yaml.safe_load(Path(path).read_text()), overrides, str(path))
+    except (OSError, yaml.YAMLError, SuiteError):
         return {}
     return raw if isinstance(raw, dict) else {}
 
 
-def load_suite(path: str | Path) -> Suite:
-    """Read and validate a suite file."""
+def load_suite(path: str | Path, overrides: Sequence[str] = ()) -> Suite:
+    """Read and validate a suite file, with ``--set`` overrides applied first."""
     path = Path(path)
     if not path.is_file():
         raise SuiteError(f"{path}: no such suite file")
@@ -405,4 +451,5 @@ def load_suite(path: str | Path) -> Suite:
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
         raise SuiteError(f"{where}: malformed YAML: {problem}") from None
-    return parse_suite(raw, str(path))
+    label = f"{path} (with --set {' '.join(overrides)})" if overrides else str(path)
+    return parse_suite(apply_overrides(raw, overrides, str(path)), label)
