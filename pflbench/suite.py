@@ -8,12 +8,13 @@ dataset options; an unset variable is an error that names it.
 from __future__ import annotations
 
 import copy
+import difflib
 import inspect
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -313,6 +314,46 @@ def _loc(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
+def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The schema class that holds the last key of ``loc`` (for "did you mean" hints)."""
+    cls: type[BaseModel] | None = Suite
+    for part in loc[:-1]:
+        if isinstance(part, int) or cls is None:
+            continue
+        field = cls.model_fields.get(str(part))
+        cls = _inner_model(field.annotation) if field is not None else None
+    return cls
+
+
+def _inner_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _inner_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _message(err: Any, loc: tuple[Any, ...]) -> str:
+    """pydantic's error in the words of a suite file."""
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        cls = _model_at(loc)
+        known = sorted(cls.model_fields) if cls is not None else []
+        close = difflib.get_close_matches(str(loc[-1]), known, n=2, cutoff=0.6) if loc else []
+        hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+        return f"unknown key{hint}" + (f" (known keys: {', '.join(known)})" if known else "")
+    if kind == "too_short":
+        return f"needs at least {ctx.get('min_length', 1)} item(s)"
+    if kind == "missing":
+        return "required key is missing"
+    msg = str(err["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    return msg
+
+
 def parse_suite(raw: Any, source: str) -> Suite:
     """Validate a suite mapping; ``source`` names the file in errors."""
     if not isinstance(raw, dict):
@@ -323,10 +364,7 @@ def parse_suite(raw: Any, source: str) -> Suite:
         lines = []
         for err in exc.errors():
             loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
-            msg = err["msg"]
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key"
-            lines.append(f"{source}: {_loc(loc)}: {msg}")
+            lines.append(f"{source}: {_loc(loc)}: {_message(err, loc)}")
         raise SuiteError("\n".join(lines)) from None
     if suite.out is not None:
         suite.out = expand_env(suite.out, f"{source}: out")
