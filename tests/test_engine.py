@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import gc
+import sys
+import types
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -9,13 +13,15 @@ import torch
 from conftest import TINY_MODEL, fast_protocol, tiny_federation
 
 from pflbench.aggregation import aggregation_weights, masked_average, merge_into
-from pflbench.data import FederatedData, make_splits
+from pflbench.data import FederatedData, SiteData, make_splits
 from pflbench.engine import Federation, build_model, predict
 from pflbench.federation import build_clients
 from pflbench.messages import Upload
 from pflbench.method import Method
 from pflbench.metrics import evaluate_cases
 from pflbench.registry import get_method
+
+UNEQUAL = (6, 10, 20)  # images per site: 4, 7 and 14 training images after the 70/10/20 split
 
 
 def run(data: FederatedData, method: str | Method, seed: int = 0, **proto):
@@ -98,14 +104,25 @@ def test_fedavg_changes_models_versus_local(tiny):
     )
 
 
-def test_fedavg_averages_bn_running_stats_but_not_num_batches_tracked(tiny):
-    fed_cls = _capture(get_method("fedavg"))
-    run(tiny, fed_cls())
-    m = fed_cls.models["site0"]
-    assert any(k.endswith("running_mean") for k in m)
-    part = get_method("fedavg")().partition(torch.nn.BatchNorm2d(3))
-    assert part["running_mean"] is True and part["running_var"] is True
-    assert part["num_batches_tracked"] is False
+def test_fedavg_averages_bn_running_stats_but_not_num_batches_tracked():
+    data = tiny_federation(sizes=UNEQUAL)
+    n_train = {cid: len(s["train"]) for cid, s in make_splits(data).items()}
+    cls = _recorder()
+    run(data, cls(), rounds=1)
+    ups, msg = cls.uploads[1], cls.messages[1]
+    stats = [k for k in msg if k.endswith(("running_mean", "running_var"))]
+    assert stats and not any(k.endswith("num_batches_tracked") for k in msg)
+    total = sum(n_train.values())
+    for k in stats:  # the sample-weighted mean of the clients' running statistics
+        by_hand = sum(n_train[c] * ups[c][0][k].double() for c in ups) / total
+        torch.testing.assert_close(msg[k].double(), by_hand, rtol=1e-6, atol=1e-7, msg=k)
+        assert not torch.equal(ups["site0"][0][k], ups["site2"][0][k]), k  # they did differ
+        for cid in n_train:
+            assert torch.equal(cls.evaluated[(cid, 1)][k], msg[k]), (cid, k)
+    # the batch counter stays each client's own: 2 epochs of 1, 2 and 4 batches (batch 4)
+    key = next(k for k in cls.evaluated[("site0", 1)] if k.endswith("num_batches_tracked"))
+    counts = [int(cls.evaluated[(cid, 1)][key]) for cid in ("site0", "site1", "site2")]
+    assert counts == [2, 4, 8]
 
 
 def _upload(value: float, weight: float, mask=None) -> Upload:
@@ -138,33 +155,66 @@ def test_single_contributor_average_is_exact():
     assert torch.equal(msg.entries["w"], t)
 
 
+def _reachable_foreign_data(cid: str, roots: list) -> tuple[list[str], int]:
+    """Everything reachable from ``roots`` by references (instance and class attributes,
+    closures, module globals of pflbench), and among it what belongs to another client or to
+    the engine: another site's data, the federation, its client splits."""
+    from pflbench.federation import ClientSplits
+
+    def ours(name: str | None) -> bool:
+        return bool(name) and name.split(".")[0] in ("pflbench", "conftest", "test_engine")
+
+    # the rest of the interpreter (torch, numpy, the standard library) holds no client data
+    foreign_dicts = {id(vars(m)) for n, m in list(sys.modules.items()) if not ours(n)}
+    seen: set[int] = set()
+    stack, found = list(roots), []
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or id(obj) in foreign_dicts:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, types.ModuleType) and not ours(obj.__name__):
+            continue
+        if isinstance(obj, (type, types.FunctionType)) and not ours(obj.__module__):
+            continue
+        if type(obj).__module__.split(".")[0] in ("_pytest", "pytest", "pluggy"):
+            continue  # pytest's fixture cache holds the test's own federation, not the engine
+        if isinstance(obj, SiteData) and obj.name != cid:
+            found.append(f"site data of {obj.name}")
+        if isinstance(obj, (Federation, FederatedData, ClientSplits)):
+            found.append(type(obj).__name__)
+        stack.extend(gc.get_referents(obj))
+    return found, len(seen)
+
+
 class _Snoop(Method):
-    """A method that tries to reach other clients' data from client hooks."""
+    """A method that looks, from its client hook, for any path to other clients' data."""
 
     name = "snoop"
-    seen_sites: list = []
-    failures: list = []
+    results: list = []  # (client, foreign objects found, objects walked, instance reused)
 
     def local_update(self, client):
-        type(self).seen_sites.append({client.id, *set(client.train_data.case_ids)})
-        for attr in ("federation", "engine", "clients", "_engine", "by_id", "data"):
-            try:
-                getattr(client, attr)
-                type(self).failures.append(attr)
-            except AttributeError:
-                pass
-        if hasattr(self, "stash"):  # an instance survives from another client's hook
-            type(self).failures.append("stash")
-        self.stash = client.train_data
+        pflbench_modules = [m for n, m in sys.modules.items() if n.split(".")[0] == "pflbench"]
+        found, walked = _reachable_foreign_data(client.id, [client, self, *pflbench_modules])
+        type(self).results.append((client.id, found, walked, hasattr(self, "stash")))
+        self.stash = True  # an instance that survived into another client's hook would show it
         client.fit()
 
 
-def test_client_hooks_cannot_reach_other_clients(tiny):
-    run(tiny, _Snoop())
-    assert _Snoop.failures == []
-    for seen in _Snoop.seen_sites:
-        site = next(s for s in seen if s.startswith("site") and "-" not in s)
-        assert all(c == site or c.startswith(f"{site}-") for c in seen)
+def test_client_hooks_cannot_reach_other_clients(tiny, monkeypatch):
+    # the other sites' data are alive in the engine while each hook runs
+    run(tiny, _Snoop(), rounds=1)
+    assert [r[0] for r in _Snoop.results] == ["site0", "site1", "site2"]
+    for cid, found, walked, reused in _Snoop.results:
+        assert found == [], (cid, found)
+        assert not reused, cid
+        assert walked > 1000, walked  # the walk did cover the model, the data and the modules
+    # and the walk finds data where a path exists, e.g. a module global holding the federation
+    import pflbench.state
+
+    monkeypatch.setattr(pflbench.state, "_leak", tiny, raising=False)
+    found, _ = _reachable_foreign_data("site0", [pflbench.state])
+    assert {"site data of site1", "site data of site2", "FederatedData"} <= set(found)
 
 
 def test_communication_is_counted(tiny):
@@ -246,8 +296,6 @@ def test_local_steps_budget_is_counted(tiny):
 #
 # Every other engine test uses equal site sizes, where a plain mean *is* the weighted mean; these
 # use unequal ones, and compute the expected numbers by hand.
-
-UNEQUAL = (6, 10, 20)  # images per site: 4, 7 and 14 training images after the 70/10/20 split
 
 
 def test_masked_average_weights_whole_tensor_entries_by_sample_count():
