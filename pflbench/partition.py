@@ -7,8 +7,6 @@ tensor of the entry's shape (element-wise: ``True`` entries shared). Selections 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
@@ -52,26 +50,6 @@ def keys_of_types(model: nn.Module, types: tuple[type[nn.Module], ...]) -> list[
 
 def norm_keys(model: nn.Module) -> list[str]:
     return keys_of_types(model, NORM_TYPES)
-
-
-def keys_under(model: nn.Module, path: str) -> list[str]:
-    """State keys of the module at ``path`` (e.g. ``head`` or ``encoder.0``)."""
-    try:
-        module = model.get_submodule(path)
-    except AttributeError as exc:
-        raise PartitionError(f"{type(model).__name__} has no module at path {path!r}") from exc
-    return _module_keys(model, path, module)
-
-
-def with_personal(base: Partition, personal: Iterable[str], what: str) -> Partition:
-    """``base`` with ``personal`` keys made local; an empty selection is an error, never FedAvg."""
-    personal = list(personal)
-    if not personal:
-        raise PartitionError(f"the {what} partition is empty: nothing would stay personal")
-    out = dict(base)
-    for k in personal:
-        out[k] = False
-    return out
 
 
 def partition_sizes(model: nn.Module, partition: Partition) -> dict[str, int]:
