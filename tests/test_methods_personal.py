@@ -115,6 +115,21 @@ def test_fedprox_local_update_is_the_hand_computed_proximal_step():
         assert _dist(_proximal_sgd_by_hand(other, lr, batches), expected) > 100 * 1e-6
 
 
+def test_proximal_term_skips_frozen_parameters_and_refuses_a_model_with_none():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    anchor = _params(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model[0].weight.requires_grad_(False)  # frozen: not pulled (its 4 elements do not count)
+    term = proximal_term(anchor, 3.0)
+    assert float(term(model).detach()) == pytest.approx(3.0 / 2 * (2 + 2 + 1))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="proximal term over a model without trainable"):
+        term(model)
+
+
 # Ditto -------------------------------------------------------------------------------------------
 
 
