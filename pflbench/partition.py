@@ -34,9 +34,8 @@ def floating_entries(model: nn.Module) -> Partition:
     return {k: bool(v.is_floating_point()) for k, v in model.state_dict().items()}
 
 
-def _module_keys(model: nn.Module, prefix: str, module: nn.Module) -> list[str]:
-    keys = [f"{prefix}.{k}" if prefix else k for k in module.state_dict()]
-    return keys
+def _module_keys(prefix: str, module: nn.Module) -> list[str]:
+    return [f"{prefix}.{k}" if prefix else k for k in module.state_dict()]
 
 
 def keys_of_types(model: nn.Module, types: tuple[type[nn.Module], ...]) -> list[str]:
@@ -44,7 +43,7 @@ def keys_of_types(model: nn.Module, types: tuple[type[nn.Module], ...]) -> list[
     keys: list[str] = []
     for name, module in model.named_modules():
         if isinstance(module, types):
-            keys.extend(_module_keys(model, name, module))
+            keys.extend(_module_keys(name, module))
     return keys
 
 

@@ -33,7 +33,7 @@ def test_aggregation_weights_are_shares_and_refuse_a_zero_total():
     assert aggregation_weights({"a": up(5.0, w=[0.0])}) == {"a": 1.0}
     small = aggregation_weights({"a": up(0.25, w=[0.0]), "b": up(0.5, w=[0.0])})  # Σ below 1
     assert small == pytest.approx({"a": 1 / 3, "b": 2 / 3})
-    with pytest.raises(ValueError, match="positive sum"):
+    with pytest.raises(ValueError, match=r"^aggregation weights must have a positive sum$"):
         aggregation_weights({"a": up(0.0, w=[0.0]), "b": up(0.0, w=[0.0])})
 
 
@@ -81,9 +81,13 @@ def test_an_element_nobody_shares_is_not_sent_and_keeps_the_receivers_value():
 
 
 def test_refusals_name_the_entry():
-    with pytest.raises(TypeError, match=r"entry 'steps' is torch.int64"):
+    with pytest.raises(
+        TypeError, match=r"^entry 'steps' is torch.int64; only floating-point entries are averaged$"
+    ):
         masked_average({"a": Upload(entries={"steps": torch.tensor([1])}, weight=1.0)})
-    with pytest.raises(ValueError, match=r"entry 'w': aggregation weights must have a positive"):
+    with pytest.raises(
+        ValueError, match=r"^entry 'w': aggregation weights must have a positive sum$"
+    ):
         masked_average({"a": up(0.0, w=[1.0]), "b": up(0.0, w=[2.0])})
 
 
@@ -184,6 +188,8 @@ def test_upload_sends_copies_of_shared_entries_with_their_masks_and_the_sample_c
         "head.weight"
     }
     assert int(upload.masks["head.weight"].sum()) == 1
+    for k in ("head.weight", "head.bias"):  # the client's values, masked entries too
+        assert torch.equal(upload.entries[k], client.model.state_dict()[k]), k
     assert upload.weight == float(client.num_train) == 10.0
     before = upload.entries["head.bias"].clone()
     with torch.no_grad():
