@@ -116,6 +116,14 @@ def test_merge_writes_only_what_the_client_shares_and_the_server_sent():
     assert state["untouched"].tolist() == [0.0]
 
 
+def test_merge_goes_on_past_personal_entries_and_applies_a_client_mask_alone():
+    msg = Message(entries={"mine": torch.tensor([9.0]), "later": torch.tensor([1.0, 2.0])})
+    state = {"mine": torch.zeros(1), "later": torch.zeros(2)}
+    merge_into(state, msg, {"mine": False, "later": torch.tensor([False, True])})
+    assert state["mine"].tolist() == [0.0]  # personal, and the entries after it still merge
+    assert state["later"].tolist() == [0.0, 2.0]  # the client's mask, no server mask
+
+
 # partitions -------------------------------------------------------------------------------------
 
 

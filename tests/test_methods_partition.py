@@ -306,3 +306,15 @@ def test_lgfedavg_keeps_the_lower_part_local(runs):
 def test_lgfedavg_refuses_an_undeclared_lower_part():
     with pytest.raises(PartitionError, match=r"lgfedavg.*_NoHeadPath.*lower_path"):
         get_method("lgfedavg")().partition(_NoHeadPath())
+
+
+def test_shared_partition_helpers_keep_their_key_rules():
+    from pflbench.methods._common import keys_of_module, local_partition
+
+    model = tiny_unet()
+    assert keys_of_module(model, "") == list(model.state_dict())  # the root: no "." prefix
+    assert keys_of_module(model, "head") == ["head.weight", "head.bias"]
+    part = local_partition(model, ["head.weight", "no.such.key"], "m", "the head")
+    assert part["head.weight"] is False and "no.such.key" not in part
+    with pytest.raises(PartitionError, match=r"^m: the personal part \(keys\) of model UNet is"):
+        local_partition(model, ["no.such.key"], "m", "keys")  # unknown keys select nothing
