@@ -126,7 +126,9 @@ def test_proximal_term_skips_frozen_parameters_and_refuses_a_model_with_none():
     assert float(term(model).detach()) == pytest.approx(3.0 / 2 * (2 + 2 + 1))
     for p in model.parameters():
         p.requires_grad_(False)
-    with pytest.raises(ValueError, match="proximal term over a model without trainable"):
+    with pytest.raises(
+        ValueError, match="^proximal term over a model without trainable parameters$"
+    ):
         term(model)
 
 
