@@ -222,3 +222,14 @@ def test_method_defaults_are_fedavg():
     msg = Message(entries={"head.bias": torch.tensor([0.5])})
     m.receive(client, msg)
     assert client.model.head.bias.tolist() == [0.5]
+
+
+def test_a_bad_hyperparameter_names_the_method_or_its_class():
+    from pflbench.params import ParamError
+    from pflbench.registry import get_method
+
+    with pytest.raises(ParamError, match=r"^method fedprox: unknown parameter\(s\) \['nu'\]"):
+        get_method("fedprox")(nu=1)
+    unnamed = type("Unnamed", (Method,), {})  # no ``name``: the class name says which one
+    with pytest.raises(ParamError, match=r"^method Unnamed: unknown parameter"):
+        unnamed(nu=1)
