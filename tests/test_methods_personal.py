@@ -402,3 +402,15 @@ def test_fedavg_ft_trains_as_fedavg_and_counts_its_fine_tuning():
     # per-case evaluation of the last round, 3 clients
     assert a.info["budget"]["finetune"] == 3 * 3 * 35
     assert a.info["budget"]["local"] == b.info["budget"]["local"]
+
+
+def test_fedavg_ft_with_one_step_fine_tunes_once_and_local_shares_nothing():
+    budget = Budget()
+    client = make_client(tiny_unet(), budget=budget)
+    before = state_of(client.model)
+    tuned = get_method("fedavg-ft")(finetune_steps=1).eval_model(client)
+    assert budget.samples == {"finetune": 4}  # one step of batch 4
+    assert not torch.equal(tuned.state_dict()["head.weight"], before["head.weight"])
+    assert torch.equal(client.model.state_dict()["head.weight"], before["head.weight"])
+    part = get_method("local")().partition(client.model)
+    assert set(part) == set(before) and not any(part.values())
