@@ -7,8 +7,6 @@ tensor of the entry's shape (element-wise: ``True`` entries shared). Selections 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
@@ -36,9 +34,8 @@ def floating_entries(model: nn.Module) -> Partition:
     return {k: bool(v.is_floating_point()) for k, v in model.state_dict().items()}
 
 
-def _module_keys(model: nn.Module, prefix: str, module: nn.Module) -> list[str]:
-    keys = [f"{prefix}.{k}" if prefix else k for k in module.state_dict()]
-    return keys
+def _module_keys(prefix: str, module: nn.Module) -> list[str]:
+    return [f"{prefix}.{k}" if prefix else k for k in module.state_dict()]
 
 
 def keys_of_types(model: nn.Module, types: tuple[type[nn.Module], ...]) -> list[str]:
@@ -46,32 +43,12 @@ def keys_of_types(model: nn.Module, types: tuple[type[nn.Module], ...]) -> list[
     keys: list[str] = []
     for name, module in model.named_modules():
         if isinstance(module, types):
-            keys.extend(_module_keys(model, name, module))
+            keys.extend(_module_keys(name, module))
     return keys
 
 
 def norm_keys(model: nn.Module) -> list[str]:
     return keys_of_types(model, NORM_TYPES)
-
-
-def keys_under(model: nn.Module, path: str) -> list[str]:
-    """State keys of the module at ``path`` (e.g. ``head`` or ``encoder.0``)."""
-    try:
-        module = model.get_submodule(path)
-    except AttributeError as exc:
-        raise PartitionError(f"{type(model).__name__} has no module at path {path!r}") from exc
-    return _module_keys(model, path, module)
-
-
-def with_personal(base: Partition, personal: Iterable[str], what: str) -> Partition:
-    """``base`` with ``personal`` keys made local; an empty selection is an error, never FedAvg."""
-    personal = list(personal)
-    if not personal:
-        raise PartitionError(f"the {what} partition is empty: nothing would stay personal")
-    out = dict(base)
-    for k in personal:
-        out[k] = False
-    return out
 
 
 def partition_sizes(model: nn.Module, partition: Partition) -> dict[str, int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pytest
 import torch
@@ -34,13 +36,20 @@ def blob_site(
 
 
 def tiny_federation(
-    n_sites: int = 3, n: int = 10, size: int = 16, identical: bool = False
+    n_sites: int = 3,
+    n: int = 10,
+    size: int = 16,
+    identical: bool = False,
+    sizes: Sequence[int] | None = None,
 ) -> FederatedData:
+    """``n_sites`` sites of ``n`` images each, or one site per entry of ``sizes`` (unequal sizes
+    are what makes a weighting bug visible: with equal n a plain mean is the weighted mean)."""
+    counts = list(sizes) if sizes is not None else [n] * n_sites
     sites = []
-    for k in range(n_sites):
+    for k, count in enumerate(counts):
         seed = 0 if identical else k
         sites.append(
-            blob_site(f"site{k}", n, size, seed=seed, brightness=0.0 if identical else 0.1 * k)
+            blob_site(f"site{k}", count, size, seed=seed, brightness=0.0 if identical else 0.1 * k)
         )
     return FederatedData(
         name="tiny",

@@ -16,13 +16,8 @@ import torch
 from fixtures_data import write_nifti, write_pillow
 
 from pflbench.data import DataError, make_splits
-
-pytest.importorskip(
-    "pflbench.datasets.synthetic", reason="the synthetic module (acquisition chains) is absent"
-)
-
-from pflbench.datasets import anatomy  # noqa: E402
-from pflbench.datasets.anatomy import Anatomy  # noqa: E402
+from pflbench.datasets import anatomy
+from pflbench.datasets.anatomy import Anatomy
 
 SOURCES = list(anatomy.SOURCES)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -90,6 +89,12 @@ def test_run_prints_dice_per_method_and_site_and_is_bitwise_reproducible(tmp_pat
         ["run_key", "round", "client", "split", "structure", "metric"]
     )
     pd.testing.assert_frame_equal(a.reset_index(drop=True), b.reset_index(drop=True))
+    # and the per-case table (best and last selections, val and test) bit for bit as well
+    order = ["run_key", "selection", "client", "split", "case_id", "structure"]
+    ca = load_results(tmp_path / "a", "cases").sort_values(order).reset_index(drop=True)
+    cb = load_results(tmp_path / "b", "cases").sort_values(order).reset_index(drop=True)
+    assert set(ca["selection"]) == {"best", "last"} and set(ca["split"]) == {"val", "test"}
+    pd.testing.assert_frame_equal(ca, cb)
 
 
 def test_second_run_skips_done_runs(tmp_path):
@@ -187,4 +192,32 @@ def test_manifest_records_bytes_and_budget(tmp_path):
     assert cli("run", str(suite), "--out", str(tmp_path / "o"), "-q", "--no-report").returncode == 0
     manifests = {m["method"]: m for _, m in iter_runs(tmp_path / "o")}
     assert manifests["local"]["bytes_up"] == 0 and manifests["fedavg"]["bytes_up"] > 0
-    assert json.dumps(manifests["fedavg"])  # serializable
+    # every method gets the suite's local budget: the same number of training samples
+    assert manifests["fedavg"]["budget"]["local"] > 0
+    assert manifests["local"]["budget"] == manifests["fedavg"]["budget"]
+    assert (
+        manifests["fedavg"]["bytes_down"] == manifests["fedavg"]["bytes_up"] > 0
+    )  # FedAvg: w̄ back
+
+
+def test_data_check_exits_0_when_clean_1_on_problems_2_on_unusable_input(tmp_path):
+    import numpy as np
+    from click.testing import CliRunner
+    from fixtures_data import make_polyp_tree, write_pillow
+
+    from pflbench.cli import main
+
+    runner = CliRunner()
+    tree = make_polyp_tree(tmp_path / "p")
+    clean = runner.invoke(main, ["data", "check", "polyp", "--root", str(tree.root)])
+    assert clean.exit_code == 0, clean.output
+    assert "no problems found" in clean.output
+    write_pillow(tree.root / "CVC-300" / "masks" / "99.png", np.zeros((32, 40), np.uint8))
+    bad = runner.invoke(main, ["data", "check", "polyp", "--root", str(tree.root)])
+    assert bad.exit_code == 1, bad.output
+    assert "mask without an image" in bad.output and "1 problem(s) found" in bad.output
+    unknown = runner.invoke(main, ["data", "check", "polypp", "--root", str(tree.root)])
+    assert unknown.exit_code == 2 and "polyp" in unknown.output
+    missing = runner.invoke(main, ["data", "check", "polyp", "--root", str(tmp_path / "none")])
+    assert missing.exit_code == 1, missing.output  # a missing root is a problem, with the layout
+    assert "does not exist" in missing.output and "Expected layout" in missing.output

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import gc
+import sys
+import types
+
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 from conftest import TINY_MODEL, fast_protocol, tiny_federation
 
 from pflbench.aggregation import aggregation_weights, masked_average, merge_into
-from pflbench.data import FederatedData, make_splits
-from pflbench.engine import Federation
+from pflbench.data import FederatedData, SiteData, make_splits
+from pflbench.engine import Federation, build_model, predict
+from pflbench.federation import build_clients
 from pflbench.messages import Upload
 from pflbench.method import Method
+from pflbench.metrics import evaluate_cases
 from pflbench.registry import get_method
+
+UNEQUAL = (6, 10, 20)  # images per site: 4, 7 and 14 training images after the 70/10/20 split
 
 
 def run(data: FederatedData, method: str | Method, seed: int = 0, **proto):
@@ -95,14 +104,25 @@ def test_fedavg_changes_models_versus_local(tiny):
     )
 
 
-def test_fedavg_averages_bn_running_stats_but_not_num_batches_tracked(tiny):
-    fed_cls = _capture(get_method("fedavg"))
-    run(tiny, fed_cls())
-    m = fed_cls.models["site0"]
-    assert any(k.endswith("running_mean") for k in m)
-    part = get_method("fedavg")().partition(torch.nn.BatchNorm2d(3))
-    assert part["running_mean"] is True and part["running_var"] is True
-    assert part["num_batches_tracked"] is False
+def test_fedavg_averages_bn_running_stats_but_not_num_batches_tracked():
+    data = tiny_federation(sizes=UNEQUAL)
+    n_train = {cid: len(s["train"]) for cid, s in make_splits(data).items()}
+    cls = _recorder()
+    run(data, cls(), rounds=1)
+    ups, msg = cls.uploads[1], cls.messages[1]
+    stats = [k for k in msg if k.endswith(("running_mean", "running_var"))]
+    assert stats and not any(k.endswith("num_batches_tracked") for k in msg)
+    total = sum(n_train.values())
+    for k in stats:  # the sample-weighted mean of the clients' running statistics
+        by_hand = sum(n_train[c] * ups[c][0][k].double() for c in ups) / total
+        torch.testing.assert_close(msg[k].double(), by_hand, rtol=1e-6, atol=1e-7, msg=k)
+        assert not torch.equal(ups["site0"][0][k], ups["site2"][0][k]), k  # they did differ
+        for cid in n_train:
+            assert torch.equal(cls.evaluated[(cid, 1)][k], msg[k]), (cid, k)
+    # the batch counter stays each client's own: 2 epochs of 1, 2 and 4 batches (batch 4)
+    key = next(k for k in cls.evaluated[("site0", 1)] if k.endswith("num_batches_tracked"))
+    counts = [int(cls.evaluated[(cid, 1)][key]) for cid in ("site0", "site1", "site2")]
+    assert counts == [2, 4, 8]
 
 
 def _upload(value: float, weight: float, mask=None) -> Upload:
@@ -135,33 +155,66 @@ def test_single_contributor_average_is_exact():
     assert torch.equal(msg.entries["w"], t)
 
 
+def _reachable_foreign_data(cid: str, roots: list) -> tuple[list[str], int]:
+    """Everything reachable from ``roots`` by references (instance and class attributes,
+    closures, module globals of pflbench), and among it what belongs to another client or to
+    the engine: another site's data, the federation, its client splits."""
+    from pflbench.federation import ClientSplits
+
+    def ours(name: str | None) -> bool:
+        return bool(name) and name.split(".")[0] in ("pflbench", "conftest", "test_engine")
+
+    # the rest of the interpreter (torch, numpy, the standard library) holds no client data
+    foreign_dicts = {id(vars(m)) for n, m in list(sys.modules.items()) if not ours(n)}
+    seen: set[int] = set()
+    stack, found = list(roots), []
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or id(obj) in foreign_dicts:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, types.ModuleType) and not ours(obj.__name__):
+            continue
+        if isinstance(obj, (type, types.FunctionType)) and not ours(obj.__module__):
+            continue
+        if type(obj).__module__.split(".")[0] in ("_pytest", "pytest", "pluggy"):
+            continue  # pytest's fixture cache holds the test's own federation, not the engine
+        if isinstance(obj, SiteData) and obj.name != cid:
+            found.append(f"site data of {obj.name}")
+        if isinstance(obj, (Federation, FederatedData, ClientSplits)):
+            found.append(type(obj).__name__)
+        stack.extend(gc.get_referents(obj))
+    return found, len(seen)
+
+
 class _Snoop(Method):
-    """A method that tries to reach other clients' data from client hooks."""
+    """A method that looks, from its client hook, for any path to other clients' data."""
 
     name = "snoop"
-    seen_sites: list = []
-    failures: list = []
+    results: list = []  # (client, foreign objects found, objects walked, instance reused)
 
     def local_update(self, client):
-        type(self).seen_sites.append({client.id, *set(client.train_data.case_ids)})
-        for attr in ("federation", "engine", "clients", "_engine", "by_id", "data"):
-            try:
-                getattr(client, attr)
-                type(self).failures.append(attr)
-            except AttributeError:
-                pass
-        if hasattr(self, "stash"):  # an instance survives from another client's hook
-            type(self).failures.append("stash")
-        self.stash = client.train_data
+        pflbench_modules = [m for n, m in sys.modules.items() if n.split(".")[0] == "pflbench"]
+        found, walked = _reachable_foreign_data(client.id, [client, self, *pflbench_modules])
+        type(self).results.append((client.id, found, walked, hasattr(self, "stash")))
+        self.stash = True  # an instance that survived into another client's hook would show it
         client.fit()
 
 
-def test_client_hooks_cannot_reach_other_clients(tiny):
-    run(tiny, _Snoop())
-    assert _Snoop.failures == []
-    for seen in _Snoop.seen_sites:
-        site = next(s for s in seen if s.startswith("site") and "-" not in s)
-        assert all(c == site or c.startswith(f"{site}-") for c in seen)
+def test_client_hooks_cannot_reach_other_clients(tiny, monkeypatch):
+    # the other sites' data are alive in the engine while each hook runs
+    run(tiny, _Snoop(), rounds=1)
+    assert [r[0] for r in _Snoop.results] == ["site0", "site1", "site2"]
+    for cid, found, walked, reused in _Snoop.results:
+        assert found == [], (cid, found)
+        assert not reused, cid
+        assert walked > 1000, walked  # the walk did cover the model, the data and the modules
+    # and the walk finds data where a path exists, e.g. a module global holding the federation
+    import pflbench.state
+
+    monkeypatch.setattr(pflbench.state, "_leak", tiny, raising=False)
+    found, _ = _reachable_foreign_data("site0", [pflbench.state])
+    assert {"site data of site1", "site data of site2", "FederatedData"} <= set(found)
 
 
 def test_communication_is_counted(tiny):
@@ -237,3 +290,160 @@ def test_local_steps_budget_is_counted(tiny):
     _, out = run(tiny, "fedavg", rounds=2, local_epochs=None, local_steps=3)
     # 7 training images, batch 4: steps of 4, 3 (epoch end), 4 images
     assert out.info["budget"]["local"] == 2 * 3 * (4 + 3 + 4)  # rounds × clients × images
+
+
+# weighting, selection and storage, written from the definitions --------------------------------
+#
+# Every other engine test uses equal site sizes, where a plain mean *is* the weighted mean; these
+# use unequal ones, and compute the expected numbers by hand.
+
+
+def test_masked_average_weights_whole_tensor_entries_by_sample_count():
+    ups = {"a": _upload(1.0, 1.0), "b": _upload(4.0, 3.0), "c": _upload(-2.0, 0.5)}
+    msg = masked_average(ups)
+    expected = (1.0 * 1.0 + 4.0 * 3.0 + -2.0 * 0.5) / (1.0 + 3.0 + 0.5)  # = 2.6667, mean = 1.0
+    assert torch.allclose(msg.entries["w"], torch.full((4,), expected))
+    assert msg.masks == {}  # every element has a sharer: no mask is sent
+    assert msg.entries["w"].dtype == torch.float32  # accumulated in float64, sent as uploaded
+
+
+def test_masked_average_mixes_masked_and_whole_tensor_uploads_by_weight():
+    some = torch.tensor([True, False, True, False])
+    ups = {"a": _upload(2.0, 2.0), "b": _upload(8.0, 6.0, some)}
+    msg = masked_average(ups)
+    # elements 0 and 2: (2·2 + 6·8) / 8 = 6.5; elements 1 and 3: only a shares them
+    assert msg.entries["w"].tolist() == [6.5, 2.0, 6.5, 2.0]
+    assert "w" not in msg.masks
+
+
+class _RecordUploads(Method):
+    """FedAvg that keeps, per round, a copy of every upload and of the server's message."""
+
+    name = "record-uploads"
+    uploads: dict = {}
+    messages: dict = {}
+    evaluated: dict = {}
+
+    def aggregate(self, uploads, round):
+        cls = type(self)
+        cls.uploads[round] = {
+            cid: ({k: v.clone() for k, v in u.entries.items()}, u.weight)
+            for cid, u in uploads.items()
+        }
+        msg = super().aggregate(uploads, round)
+        cls.messages[round] = {k: v.clone() for k, v in msg.entries.items()}
+        return msg
+
+    def eval_model(self, client):
+        type(self).evaluated[(client.id, client.round)] = {
+            k: v.clone() for k, v in client.model.state_dict().items()
+        }
+        return client.model
+
+
+def _recorder(base: type[Method] = _RecordUploads) -> type[Method]:
+    return type(f"Fresh{base.__name__}", (base,), {"uploads": {}, "messages": {}, "evaluated": {}})
+
+
+def test_fedavg_global_model_is_the_sample_weighted_average_of_unequal_sites():
+    data = tiny_federation(sizes=UNEQUAL)
+    splits = make_splits(data)
+    n_train = {cid: len(s["train"]) for cid, s in splits.items()}
+    assert len(set(n_train.values())) == 3, n_train  # unequal, or the test cannot tell
+    cls = _recorder()
+    run(data, cls(), rounds=1)
+    ups = cls.uploads[1]
+    assert {cid: w for cid, (_, w) in ups.items()} == {k: float(v) for k, v in n_train.items()}
+    total = sum(n_train.values())
+    some_key_differs_from_the_plain_mean = False
+    for k, got in cls.messages[1].items():
+        by_hand = sum(n_train[cid] * ups[cid][0][k].double() for cid in ups) / total
+        torch.testing.assert_close(got.double(), by_hand, rtol=1e-6, atol=1e-7, msg=k)
+        plain = sum(ups[cid][0][k].double() for cid in ups) / len(ups)
+        if not torch.allclose(plain, by_hand, rtol=1e-4, atol=1e-5):
+            some_key_differs_from_the_plain_mean = True
+        for cid in n_train:  # and every client evaluates exactly that global model
+            assert torch.equal(cls.evaluated[(cid, 1)][k], got), (cid, k)
+    assert some_key_differs_from_the_plain_mean
+
+
+class _BreakLastRound(_RecordUploads):
+    """FedAvg whose last round ends in an all-background model (head bias −50), so the best
+    round is an earlier one and its metrics differ from the last round's."""
+
+    name = "break-last-round"
+    last = 3
+
+    def local_update(self, client):
+        client.fit()
+        if client.round == self.last:
+            with torch.no_grad():
+                client.model.head.bias.fill_(-50.0)
+
+
+def _fresh_cases(data, splits, state, cid, split) -> pd.DataFrame:
+    """Score a model rebuilt from ``state`` on one split, outside the engine's bookkeeping."""
+    model = build_model(TINY_MODEL, data, 0)
+    model.load_state_dict(state)
+    part = getattr(next(c for c in build_clients(data, splits) if c.name == cid), split)
+    pred = predict(model, part, torch.device("cpu"))
+    return evaluate_cases(
+        pred, part.labels, part.case_ids, part.slice_index, data.structures, surface=False
+    )
+
+
+def test_best_rows_are_a_fresh_evaluation_of_the_best_round_snapshot():
+    data = tiny_federation(sizes=UNEQUAL)
+    splits = make_splits(data)
+    cls = _recorder(_BreakLastRound)
+    _, out = run(data, cls(), rounds=3, selection="best")
+    cases = out.cases
+    for cid in splits:
+        best_round = out.info["selected_rounds"][cid]
+        assert best_round < 3  # the last round was broken on purpose
+        for selection, r in (("best", best_round), ("last", 3)):
+            for split in ("val", "test"):
+                rows = cases[
+                    (cases["client"] == cid)
+                    & (cases["selection"] == selection)
+                    & (cases["split"] == split)
+                ]
+                assert set(rows["round"]) == {r}
+                fresh = _fresh_cases(data, splits, cls.evaluated[(cid, r)], cid, split)
+                got = rows.set_index(["case_id", "structure"]).sort_index()
+                want = fresh.set_index(["case_id", "structure"]).sort_index()
+                assert list(got.index) == list(want.index)
+                np.testing.assert_array_equal(got["dice"], want["dice"], err_msg=f"{cid} {split}")
+                np.testing.assert_array_equal(got["iou"], want["iou"], err_msg=f"{cid} {split}")
+    best, last = cases[cases["selection"] == "best"], cases[cases["selection"] == "last"]
+    assert best["dice"].mean() > last["dice"].mean()  # so best ≠ last is visible in the numbers
+
+
+def test_disk_store_keeps_client_records_on_disk_during_a_default_run(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    data = tiny_federation(sizes=UNEQUAL)
+    seen: list[dict[str, list[str]]] = []
+
+    def look(r: int, total: int) -> None:
+        seen.append({d.name: sorted(f.name for f in d.iterdir()) for d in tmp_path.iterdir()})
+
+    m = get_method("fedavg")()
+    fed = Federation(
+        data,
+        make_splits(data),
+        m,
+        TINY_MODEL,
+        fast_protocol(store="disk", selection="best"),
+        0,
+        on_round=look,
+    )
+    fed.run()
+    assert len(seen) == 2
+    for snapshot in seen:
+        (folder, files), *others = snapshot.items()
+        assert others == [] and folder.startswith("pflbench-state-")
+        for cid in ("site0", "site1", "site2"):  # model + state, the round's upload, best snapshot
+            assert {f"{cid}.pt", f"{cid}__upload.pt", f"{cid}__snapshot.pt"} <= set(files)
+    assert list(tmp_path.iterdir()) == []  # removed when the run ends

@@ -317,3 +317,50 @@ def test_lgfedavg_body_reading_shares_only_the_head():
 def test_lgfedavg_refuses_an_undeclared_encoder():
     with pytest.raises(PartitionError, match=r"lgfedavg.*_NoHeadPath.*encoder_path"):
         get_method("lgfedavg")().partition(_NoHeadPath())
+
+
+def test_shared_partition_helpers_keep_their_key_rules():
+    from pflbench.methods._common import keys_of_module, local_partition
+
+    model = tiny_unet()
+    assert keys_of_module(model, "") == list(model.state_dict())  # the root: no "." prefix
+    assert keys_of_module(model, "head") == ["head.weight", "head.bias"]
+    part = local_partition(model, ["head.weight", "no.such.key"], "m", "the head")
+    assert part["head.weight"] is False and "no.such.key" not in part
+    with pytest.raises(PartitionError, match=r"^m: the personal part \(keys\) of model UNet is"):
+        local_partition(model, ["no.such.key"], "m", "keys")  # unknown keys select nothing
+
+
+class _WrongHeadPath(nn.Module):
+    head_path = "nope"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Conv2d(1, 1, 3, padding=1)
+
+
+def test_a_declared_path_without_a_module_is_refused_by_name():
+    from pflbench.methods._common import declared_path
+
+    with pytest.raises(
+        PartitionError,
+        match=r"^fedper: model _WrongHeadPath declares head_path='nope', but it has no module "
+        r"at that path$",
+    ):
+        declared_path(_WrongHeadPath(), "head_path", "fedper")
+    assert declared_path(tiny_unet(), "head_path", "fedper") == "head"
+    empty = _WrongHeadPath()
+    empty.head_path = ""  # an empty path would be the whole model: refused, not guessed
+    with pytest.raises(PartitionError, match=r"declares no 'head_path'"):
+        declared_path(empty, "head_path", "fedper")
+
+
+def test_a_non_finite_step_names_where_it_happened():
+    from pflbench.methods._common import step
+    from pflbench.training import Diverged
+
+    model = nn.Linear(1, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = model(torch.ones(1, 1)).sum() * float("nan")
+    with pytest.raises(Diverged, match=r"^non-finite loss \(nan\) in client site3 round 2$"):
+        step(opt, loss, "client site3 round 2")

@@ -85,6 +85,53 @@ def test_proximal_term_covers_parameters_only():
     assert float(term(model).detach()) == pytest.approx(0.5 / 2 * n * 0.01, rel=1e-4)
 
 
+def _proximal_sgd_by_hand(mu: float, lr: float, batches) -> dict[str, torch.Tensor]:
+    """FedProx's local solver from its definition: SGD on f(θ) + μ/2‖θ − w‖², whose gradient is
+    ∇f(θ) + μ(θ − w), with w the parameters at the start of the round."""
+    model = tiny_unet()
+    model.train()
+    params = dict(model.named_parameters())
+    w = {n: p.detach().clone() for n, p in params.items()}
+    for x, y in batches:
+        grads = torch.autograd.grad(segmentation_loss(model(x), y), list(params.values()))
+        with torch.no_grad():
+            for (n, p), g in zip(params.items(), grads, strict=True):
+                p.sub_(lr * (g + mu * (p - w[n])))
+    return _params(model)
+
+
+def test_fedprox_local_update_is_the_hand_computed_proximal_step():
+    mu, lr = 5.0, 0.1  # lr·μ = 0.5: the pull is a large part of every step after the first
+    work = {"epochs": None, "steps": 3, "lr": lr, **SGD}
+    batches = list(make_client(tiny_unet(), **work).batches())  # the same stream the client gets
+    client = make_client(tiny_unet(), **work)
+    get_method("fedprox")(mu=mu).local_update(client)
+    expected = _proximal_sgd_by_hand(mu, lr, batches)
+    got = _params(client.model)
+    for n in expected:
+        torch.testing.assert_close(got[n], expected[n], rtol=1e-5, atol=1e-6, msg=n)
+    # the tolerance is far below what μ changes: μ/2 and 2μ land elsewhere
+    for other in (mu / 2, 2 * mu):
+        assert _dist(_proximal_sgd_by_hand(other, lr, batches), expected) > 100 * 1e-6
+
+
+def test_proximal_term_skips_frozen_parameters_and_refuses_a_model_with_none():
+    model = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 1))
+    anchor = _params(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model[0].weight.requires_grad_(False)  # frozen: not pulled (its 4 elements do not count)
+    term = proximal_term(anchor, 3.0)
+    assert float(term(model).detach()) == pytest.approx(3.0 / 2 * (2 + 2 + 1))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(
+        ValueError, match="^proximal term over a model without trainable parameters$"
+    ):
+        term(model)
+
+
 # Ditto -------------------------------------------------------------------------------------------
 
 
@@ -147,6 +194,33 @@ def test_apfl_with_alpha_fixed_at_zero_evaluates_fedavgs_global_model():
     _assert_same_run(a, b)
     _assert_same_models(apfl.models, avg.models)
     assert all(s[ALPHA] == 0.0 for s in apfl.states.values())
+
+
+@pytest.mark.parametrize(
+    "alpha, learn_alpha, optimizer",
+    [(0.5, True, "adam"), (0.25, True, "sgd"), (1.0, False, "sgd")],
+)
+def test_apfl_w_trajectory_is_fedavgs_local_step_for_nonzero_alpha(alpha, learn_alpha, optimizer):
+    # w takes exactly FedAvg's step on every batch, whatever α is: only v and α see the mixture
+    work = {"epochs": 2, "optimizer": optimizer, "momentum": 0.0, "weight_decay": 0.0}
+    apfl_client, avg_client = make_client(tiny_unet(), **work), make_client(tiny_unet(), **work)
+    get_method("apfl")(alpha=alpha, learn_alpha=learn_alpha).local_update(apfl_client)
+    avg_client.fit()
+    w, fedavg = state_of(apfl_client.model), state_of(avg_client.model)
+    for k in fedavg:
+        assert torch.equal(w[k], fedavg[k]), k
+    personal = apfl_client.state[APFL_PERSONAL]
+    # v trains on the mixture; at α = 1 that is v alone, which then walks w's path exactly
+    v_is_w = torch.equal(personal["head.weight"], w["head.weight"])
+    assert v_is_w == (alpha == 1.0 and not learn_alpha)
+
+
+def test_apfl_w_follows_fedavg_through_a_run_at_alpha_one_half():
+    data = tiny_federation(sizes=(6, 10, 20))
+    apfl, avg = capturing(get_method("apfl")), capturing(get_method("fedavg"))
+    run(data, apfl(alpha=0.5), seed=1, rounds=2)
+    run(data, avg(), seed=1, rounds=2)
+    _assert_same_models(apfl.models, avg.models)  # the client model is w; v lives in state
 
 
 def test_apfl_alpha_moves_and_stays_in_unit_interval():
@@ -331,3 +405,15 @@ def test_fedavg_ft_trains_as_fedavg_and_counts_its_fine_tuning():
     # per-case evaluation of the last round, 3 clients
     assert a.info["budget"]["finetune"] == 3 * 3 * 35
     assert a.info["budget"]["local"] == b.info["budget"]["local"]
+
+
+def test_fedavg_ft_with_one_step_fine_tunes_once_and_local_shares_nothing():
+    budget = Budget()
+    client = make_client(tiny_unet(), budget=budget)
+    before = state_of(client.model)
+    tuned = get_method("fedavg-ft")(finetune_steps=1).eval_model(client)
+    assert budget.samples == {"finetune": 4}  # one step of batch 4
+    assert not torch.equal(tuned.state_dict()["head.weight"], before["head.weight"])
+    assert torch.equal(client.model.state_dict()["head.weight"], before["head.weight"])
+    part = get_method("local")().partition(client.model)
+    assert set(part) == set(before) and not any(part.values())

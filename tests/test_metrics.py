@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
@@ -430,8 +430,7 @@ def test_surface_metrics_match_medpy(shape, p, t, spacing_scale):
         pytest.skip("MedPy < 0.5 averages directed means for ASSD instead of pooling")
     a = random_blob(p[0], shape, p[1], p[2])
     b = random_blob(t[0], shape, t[1], t[2])
-    if not a.any() or not b.any():
-        return
+    assume(a.any() and b.any())  # empty masks have their own test (NaN distances)
     spacing = spacing_scale[: len(shape)]
     assert hd95(a, b, spacing) == pytest.approx(
         medpy_binary.hd95(a, b, voxelspacing=spacing), rel=1e-12, abs=1e-12

@@ -1,12 +1,15 @@
 """Report generator on fabricated tidy results (written with pflbench.results.write_run).
 
-Golden .tex files live in tests/golden/; regenerate them with
+Golden .tex files in tests/golden/ only detect changes (they are written by the code under test;
+test_main_table_cells_are_the_fabricated_client_macro_means recomputes the main table's numbers
+independently). Regenerate them with
 ``PFLBENCH_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/test_report.py``.
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import os
 import re
 import shutil
@@ -241,6 +244,46 @@ def test_golden_tables_from_fabricated_runs(built):
     _, out, _ = built
     for name in ("main", "dataset_prostate"):
         _check_golden(name, (out / "tables" / f"{name}.tex").read_text())
+
+
+def test_main_table_cells_are_the_fabricated_client_macro_means(built):
+    """The golden files only say the output did not change; this says it is right: each cell
+    of the main table is recomputed here from the fabricated cases (test split, best round):
+    per client the mean over cases and structures, per seed the mean over clients, then mean ±
+    SD over the seeds, tuned label for tuned methods."""
+    run_dir, out, _ = built
+    tex = (out / "tables" / "main.tex").read_text()
+    cases = pd.concat(
+        pd.read_parquet(d / "cases.parquet").assign(
+            **{
+                k: json.loads((d / "manifest.json").read_text())[k]
+                for k in ("dataset", "method", "label", "seed")
+            }
+        )
+        for d in sorted((run_dir / "results").iterdir())
+        if (d / "DONE").exists()
+    )
+    cases = cases[(cases["split"] == "test") & (cases["selection"] == "best")]
+    cases = cases[cases["label"].isin(["tuned", "fixed"])]
+    per_seed = (
+        cases.groupby(["dataset", "method", "seed", "client"])["dice"]
+        .mean()
+        .groupby(["dataset", "method", "seed"])
+        .mean()
+    )
+    checked = 0
+    for method in EFFECTS:
+        row = next(
+            line for line in tex.splitlines() if line.startswith(method.replace("_", r"\_") + " & ")
+        )
+        cells = re.findall(r"(\d\.\d{3}) \$\\pm\$ (\d\.\d{3})", row)
+        for dataset, (mean, sd) in zip(sorted(DATASETS), cells, strict=True):
+            x = per_seed.loc[(dataset, method)]
+            assert float(mean) == pytest.approx(x.mean(), abs=5e-4), (method, dataset)
+            # (at three decimals the SD cannot tell n − 1 from n over three seeds)
+            assert float(sd) == pytest.approx(x.std(ddof=1), abs=5e-4), (method, dataset)
+            checked += 1
+    assert checked == len(EFFECTS) * len(DATASETS)
 
 
 def test_golden_ties_escaping_and_markers():

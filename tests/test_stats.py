@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 
 import numpy as np
 import pandas as pd
@@ -159,8 +161,11 @@ def test_planted_effect_is_significant():
     # the CD matrix separates ditto from the other two and joins fedavg and local
     assert comp.sig_matrix.loc["ditto", "fedavg"] < 0.05
     assert comp.sig_matrix.loc["fedavg", "local"] == 1.0
-    if row.get("p_a_better") is not None and not math.isnan(row["p_a_better"]):
-        assert row["p_a_better"] > 0.95  # baycomp installed: ditto is better beyond the ROPE
+    if importlib.util.find_spec("baycomp") is not None:
+        assert row["p_a_better"] > 0.95  # ditto is better beyond the ROPE
+        assert row["p_a_better"] + row["p_rope"] + row["p_b_better"] == pytest.approx(1.0)
+    else:  # the documented fallback without the optional extra
+        assert math.isnan(row["p_a_better"]) and math.isnan(row["p_rope"])
 
 
 def test_planted_effect_lower_is_better():
@@ -231,8 +236,14 @@ def test_reference_defaults_and_errors():
         stats.analyze(m, reference="nope")
 
 
+def test_bayesian_signed_rank_without_baycomp_is_none(monkeypatch):
+    monkeypatch.setitem(sys.modules, "baycomp", None)  # import baycomp now raises ImportError
+    m = _planted(0.03, seed=0)
+    assert stats.bayesian_signed_rank(m["ditto"].to_numpy(), m["fedavg"].to_numpy()) is None
+
+
 def test_bayesian_signed_rank_optional():
-    pytest.importorskip("baycomp")
+    pytest.importorskip("baycomp", reason="baycomp is the optional 'report' extra")
     m = _planted(0.03, seed=0)
     probs = stats.bayesian_signed_rank(m["ditto"].to_numpy(), m["fedavg"].to_numpy())
     assert probs is not None and probs[0] > 0.95 and sum(probs) == pytest.approx(1.0)

@@ -222,3 +222,166 @@ def test_a_gated_child_waits_for_go_and_leaves_when_the_parent_does(tmp_path):
     release([child])
     assert child.wait(timeout=300) == 0
     assert len(list(iter_runs(tmp_path / "out"))) == 1
+
+
+# interruption, racing set-up and the children's environment (in process: seconds) -------------
+
+
+def _two_seeds():
+    from pflbench.suite import parse_suite
+
+    raw = base_suite(methods=["fedavg"], seeds=[0, 1])
+    raw["protocol"]["rounds"] = 1
+    return parse_suite(raw, "s.yaml")
+
+
+def _interrupt_at_seed_1(monkeypatch, how: Callable[[], None]) -> Callable[[], None]:
+    """Make the run of seed 1 be interrupted by ``how``; returns the undo."""
+    from pflbench import worker as worker_mod
+
+    real = worker_mod.execute
+
+    def execute(spec, *a, **k):
+        if spec.seed == 1:
+            how()
+        return real(spec, *a, **k)
+
+    monkeypatch.setattr(worker_mod, "execute", execute)
+    return lambda: monkeypatch.setattr(worker_mod, "execute", real)
+
+
+def _assert_interrupted_run_is_queued_again(suite, out: Path) -> None:
+    storage = open_storage(resolve_storage(None, out))
+    (ref,) = [r for r in sweep_studies(suite) if r.kind == "runs"]
+    trials = optuna.load_study(study_name=ref.name, storage=storage).trials
+    assert not [t for t in trials if t.state == TrialState.RUNNING]  # nothing left dangling
+    seed1 = sorted((t for t in trials if t.user_attrs["seed"] == 1), key=lambda t: t.number)
+    assert [t.state for t in seed1] == [TrialState.FAIL, TrialState.WAITING]
+    failed, retry = seed1
+    assert retry.user_attrs["cell"] == failed.user_attrs["cell"]
+    assert retry.system_attrs["retry_history"] == [failed.number]
+
+
+def _resume_runs_every_seed_once(suite, out: Path) -> None:
+    from pflbench.worker import run_sweep
+
+    again = run_sweep(suite, "s.yaml", out, None, 1, quiet=True)
+    row = again.table[again.table["kind"] == "runs"].iloc[0]
+    assert (row["complete"], row["done"], row["total"]) == (2, 2, 2)
+    assert sorted(m["seed"] for _, m in iter_runs(out)) == [0, 1]
+
+
+def test_ctrl_c_mid_run_closes_the_trial_as_failed_and_queues_its_retry(tmp_path, monkeypatch):
+    from pflbench.worker import run_sweep
+
+    suite, out = _two_seeds(), tmp_path / "out"
+
+    def ctrl_c() -> None:
+        raise KeyboardInterrupt
+
+    undo = _interrupt_at_seed_1(monkeypatch, ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(suite, "s.yaml", out, None, 1, quiet=True)
+    _assert_interrupted_run_is_queued_again(suite, out)
+    undo()
+    _resume_runs_every_seed_once(suite, out)
+
+
+def test_sigterm_to_a_worker_closes_its_trial_and_queues_the_retry(tmp_path, monkeypatch):
+    from pflbench.tuning import ensure_sweep
+    from pflbench.worker import worker_main
+
+    suite, out = _two_seeds(), tmp_path / "out"
+    ensure_sweep(open_storage(resolve_storage(None, out)), suite)
+
+    def sigterm() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler interrupts the sleep at once
+
+    undo = _interrupt_at_seed_1(monkeypatch, sigterm)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(KeyboardInterrupt, match=f"signal {int(signal.SIGTERM)}"):
+            worker_main(suite, out, None, index=1, quiet=True)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    _assert_interrupted_run_is_queued_again(suite, out)
+    undo()
+    _resume_runs_every_seed_once(suite, out)
+
+
+def test_racing_machines_create_each_study_and_its_queue_exactly_once(tmp_path, monkeypatch):
+    """Four processes (separate storage handles) set the same sweep up at the same moment: every
+    create_study call is released together, one wins per study, the rest load it and wait."""
+    import threading
+
+    import pflbench.tuning as tuning_mod
+
+    suite = parse_fixed_suite()
+    url, racers = f"journal:{tmp_path / 'race.journal'}", 4
+    gate = threading.Barrier(racers, timeout=60)
+    real, created = optuna.create_study, Counter()
+
+    def create_study(**kw):
+        gate.wait()  # all racers call create_study for this study together
+        study = real(**kw)
+        created[kw["study_name"]] += 1
+        return study
+
+    monkeypatch.setattr(tuning_mod.optuna, "create_study", create_study)
+    errors: list[BaseException] = []
+
+    def machine() -> None:
+        try:
+            tuning_mod.ensure_sweep(open_storage(resolve_storage(url, tmp_path)), suite)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=machine) for _ in range(racers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert errors == []
+    refs = sweep_studies(suite)
+    assert dict(created) == {r.name: 1 for r in refs}
+    storage = open_storage(resolve_storage(url, tmp_path))
+    for ref in refs:
+        study = optuna.load_study(study_name=ref.name, storage=storage)
+        cells = [t.user_attrs["cell"] for t in study.trials]
+        assert sorted(cells) == sorted(c["cell"] for c in ref.cells(suite))  # each once
+        assert study.user_attrs["ready"] is True
+
+
+def parse_fixed_suite():
+    from pflbench.suite import parse_suite
+
+    return parse_suite(base_suite(methods=["local", "fedavg"], seeds=[0, 1, 2]), "race.yaml")
+
+
+def test_children_get_their_thread_share_and_gpu(monkeypatch):
+    import pflbench.pool as pool
+
+    started: list[tuple[list[str], dict[str, str]]] = []
+
+    class FakePopen:
+        def __init__(self, cmd, env, stdin):
+            started.append((cmd, env))
+
+    monkeypatch.setattr(pool.subprocess, "Popen", FakePopen)
+    monkeypatch.setattr(pool, "cpu_count", lambda: 7)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    monkeypatch.setenv("OMP_NUM_THREADS", "64")  # the parent's own setting must not leak
+    pool.start_children("s.yaml", "out", "journal:j", workers=3)
+    assert len(started) == 2  # worker 0 is the parent itself
+    for i, (cmd, env) in enumerate(started, start=1):
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            assert env[var] == "2", (i, var)  # 7 CPUs // 3 workers
+        assert cmd[cmd.index("--threads") + 1] == "2" and cmd[cmd.index("--index") + 1] == str(i)
+    # GPUs dealt round-robin from the visible ones; the parent keeps the first
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in started] == ["5", "3"]
+    started.clear()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no GPU visible: nothing assigned
+    pool.start_children("s.yaml", "out", None, workers=2)
+    ((cmd, env),) = started
+    assert env["CUDA_VISIBLE_DEVICES"] == "" and "--storage" not in cmd
