@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from pflbench import stats
+from pflbench import configs, stats
 
 from . import data, figures, html, latex, markdown, tables
 from .data import ReportError, Results
@@ -156,9 +156,16 @@ def _appendix(res: Results, notes: list[str]) -> list[Block]:
         rows.append((f"{d}: protocol", _distinct(g["protocol"])))
         rows.append((f"{d}: model", _distinct(g["model"])))
         rows.append((f"{d}: data fingerprint", _distinct(g["data_fingerprint"])))
-        for col, what in (("protocol", "protocols"), ("data_fingerprint", "data fingerprints")):
-            if g[col].nunique() > 1:
-                notes.append(f"{d}: the runs have different {what}; check the comparison is fair.")
+        diff = configs.protocol_differences([m for m in res.manifests if m.get("dataset") == d])
+        if diff:
+            notes.append(
+                f"{d}: the methods' runs have different protocols ({configs.describe(diff)}); "
+                "check the comparison is fair."
+            )
+        if g["data_fingerprint"].nunique() > 1:
+            notes.append(
+                f"{d}: the runs have different data fingerprints; check the comparison is fair."
+            )
     versions: dict[str, list[str]] = {}
     for m in res.manifests:
         for k, v in (m.get("versions") or {}).items():
@@ -199,25 +206,47 @@ def _appendix(res: Results, notes: list[str]) -> list[Block]:
 # --------------------------------------------------------------------------- entry point
 
 
+def _default_reference(methods: list[str], notes: list[str]) -> str:
+    """fedavg when present; never a silent switch to another method when it is not."""
+    if "fedavg" in methods:
+        return "fedavg"
+    variants = [m for m in methods if m.startswith("fedavg [")]
+    if variants:
+        raise ReportError(
+            f"fedavg has several configurations here ({', '.join(variants)}); name the "
+            f"reference, e.g. --reference '{variants[-1]}'"
+        )
+    notes.append(
+        f"fedavg is not among the methods, so the reference is {methods[0]} (the first in "
+        "alphabetical order); pass --reference to choose another."
+    )
+    return methods[0]
+
+
 def build_report(
     run_dir: str | Path,
     out: str | Path | None = None,
     reference: str | None = None,
     metric: str = "dice",
     practical: float = stats.PRACTICAL,
+    select: dict[str, str] | None = None,
+    split_configs: bool = False,
 ) -> Path:
     """Build the report of every finished run under ``run_dir``; returns the report folder.
 
     ``out`` defaults to ``run_dir / "report"`` (replaced on each build). ``reference`` defaults to
     "fedavg" when present, else the first method. ``metric`` is one of dice, iou, hd95, assd
     (hd95/assd: lower is better; pass a ``practical`` threshold in their units, e.g. mm).
+    ``select`` (``{"protocol.rounds": "3"}``) keeps the runs of matching configurations and
+    ``split_configs`` shows each configuration of a method as its own row; without either, a
+    method with several configurations in the folder is refused (:mod:`pflbench.configs`).
     """
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "report"
-    res = data.load(run_dir, metric)
+    res = data.load(run_dir, metric, select=select, split_configs=split_configs)
     all_methods = res.methods()
     if reference is None:
-        reference = "fedavg" if "fedavg" in all_methods else all_methods[0]
+        reference = _default_reference(all_methods, res.notes)
     elif reference not in all_methods:
         raise ReportError(f"reference {reference!r} is not one of the methods {all_methods}")
     methods = res.methods(reference)

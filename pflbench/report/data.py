@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pflbench import configs
 from pflbench.results import load_manifests, load_results
 
 METRICS = {
@@ -108,8 +109,18 @@ class Results:
         return s[s["label"].to_numpy(dtype=object) == want]
 
 
-def load(run_dir: str | Path, metric: str = "dice") -> Results:
-    """Read the tidy tables of the finished runs under ``run_dir`` and compute client scores."""
+def load(
+    run_dir: str | Path,
+    metric: str = "dice",
+    select: dict[str, str] | None = None,
+    split_configs: bool = False,
+) -> Results:
+    """Read the tidy tables of the finished runs under ``run_dir`` and compute client scores.
+
+    Runs are grouped by their configuration (:mod:`pflbench.configs`): a (dataset, method,
+    label) with several configurations is refused unless ``select`` keeps one or
+    ``split_configs`` shows each as its own method row.
+    """
     metric_info(metric)
     cases = load_results(run_dir, "cases")
     if cases.empty or "selection" not in cases.columns:
@@ -121,16 +132,60 @@ def load(run_dir: str | Path, metric: str = "dice") -> Results:
         manifests=load_manifests(run_dir),
         metric=metric,
     )
-    if metric not in cases.columns:
+    _apply_configs(res, run_dir, select or {}, split_configs)
+    if metric not in res.cases.columns:
         raise ReportError(f"the cases table has no {metric!r} column")
-    res.client_scores, res.structure_scores = client_scores(cases, metric, res.notes)
+    res.client_scores, res.structure_scores = client_scores(res.cases, metric, res.notes)
     if res.client_scores.empty:
         raise ReportError("no test cases of the selected (best) checkpoint in the results")
+    _check_every_method_scored(res)
     labels = res.client_scores.groupby(["dataset", "method"])["label"].agg(set)
     for key, labs in labels.items():
         pick = next((lab for lab in LABEL_PRIORITY if lab in labs), sorted(map(str, labs))[0])
         res.headline_label[key] = pick
     return res
+
+
+def _apply_configs(res: Results, run_dir: str | Path, select: dict[str, str], split: bool) -> None:
+    """Keep the selected runs, then refuse (or split into rows) mixed configurations."""
+    try:
+        kept = configs.select_runs(res.manifests, select)
+        if not kept:
+            raise ReportError(f"--select {select} matches no finished run under {run_dir}")
+        rename = configs.split_labels(kept) if split else {}
+        if not split:
+            configs.check_configs(kept, str(Path(run_dir) / "results"))
+    except configs.ConfigError as exc:
+        raise ReportError(str(exc)) from None
+    keys = {str(m.get("run_key")) for m in kept}
+    if len(kept) < len(res.manifests):
+        res.notes.append(
+            f"--select {' '.join(f'{k}={v}' for k, v in select.items())}: "
+            f"{len(kept)} of {len(res.manifests)} finished runs are reported."
+        )
+    res.manifests = [
+        {**m, "method": rename.get(str(m.get("run_key")), m.get("method"))} for m in kept
+    ]
+    for name in ("cases", "rounds", "comm"):
+        df = getattr(res, name)
+        if df.empty or "run_key" not in df.columns:
+            continue
+        df = df[df["run_key"].astype(str).isin(keys)].copy()
+        if rename:
+            new = df["run_key"].astype(str).map(rename)
+            df["method"] = new.fillna(df["method"])
+        setattr(res, name, df)
+
+
+def _check_every_method_scored(res: Results) -> None:
+    """A method whose runs give no number for the metric is an error, never a silent drop."""
+    have = set(map(tuple, res.client_scores[["dataset", "method"]].drop_duplicates().to_numpy()))
+    missing = sorted({(str(m.get("dataset")), str(m.get("method"))) for m in res.manifests} - have)
+    if missing:
+        raise ReportError(
+            f"no finite {res.metric} for {', '.join('/'.join(x) for x in missing)} "
+            "(were surface metrics computed? protocol.surface_metrics: false skips HD95/ASSD)"
+        )
 
 
 def client_scores(
