@@ -26,6 +26,7 @@ METRICS = {
     "hd95": (False, 2, "HD95"),
     "assd": (False, 2, "ASSD"),
 }
+SURFACE = ("hd95", "assd")  # surface distances: an empty prediction takes the failure value
 LABEL_PRIORITY = ("tuned", "fixed", "default")  # the headline label of a (dataset, method)
 RUN = ["dataset", "method", "label", "seed"]
 
@@ -56,6 +57,12 @@ class Results:
     client_scores: pd.DataFrame = field(default_factory=pd.DataFrame)  # all labels
     structure_scores: pd.DataFrame = field(default_factory=pd.DataFrame)  # all labels
     headline_label: dict[tuple[str, str], str] = field(default_factory=dict)
+    failures: pd.DataFrame = field(default_factory=pd.DataFrame)  # all labels
+
+    @property
+    def surface(self) -> bool:
+        """The metric is a surface distance (its tables count the failure values)."""
+        return self.metric in SURFACE
 
     @property
     def higher_is_better(self) -> bool:
@@ -136,6 +143,7 @@ def load(
     if metric not in res.cases.columns:
         raise ReportError(f"the cases table has no {metric!r} column")
     res.client_scores, res.structure_scores = client_scores(res.cases, metric, res.notes)
+    res.failures = failure_counts(res.cases)
     if res.client_scores.empty:
         raise ReportError("no test cases of the selected (best) checkpoint in the results")
     _check_every_method_scored(res)
@@ -194,19 +202,30 @@ def client_scores(
     """Client score per (dataset, method, label, seed, client): headline and per structure.
 
     Headline: mean over the client's test cases of the per-case mean over structures.
-    Per structure: mean over the client's test cases of that structure. Non-finite values (an
-    empty prediction's HD95) are left out of the means and counted in ``notes``.
+    Per structure: mean over the client's test cases of that structure. A surface distance is
+    never dropped: an empty prediction has the declared failure value
+    (:func:`pflbench.metrics.failure_distance`), and a NaN HD95/ASSD (not computed, or results
+    from before the failure value existed) is an error rather than a silently shorter mean.
     """
-    c = cases[(cases["selection"] == "best") & (cases["split"] == "test")].copy()
-    structs = set(c["structure"].unique())
-    if "mean" in structs and len(structs) > 1:  # never average a precomputed mean twice
-        c = c[c["structure"] != "mean"]
+    c = _test_cases(cases)
     v = pd.to_numeric(c[metric], errors="coerce").astype(float)
     bad = int((~np.isfinite(v)).sum())
+    if bad and metric in SURFACE:
+        if bad == len(v):
+            raise ReportError(
+                f"{metric} was not computed for these runs (protocol.surface_metrics: false); "
+                "report dice or iou, or rerun with surface metrics on"
+            )
+        runs = sorted(c.loc[~np.isfinite(v), "run_key"].astype(str).unique())
+        raise ReportError(
+            f"{bad} of {len(v)} case × structure values of {metric} are NaN in {len(runs)} "
+            f"run(s) (e.g. {runs[0]}): results from before empty predictions got the declared "
+            "failure value; rerun them (pflbench run --force) to report surface distances"
+        )
     if bad and notes is not None:
         notes.append(
-            f"{bad} of {len(v)} case × structure values of {metric} are not finite "
-            "(e.g. an empty prediction) and are left out of the means."
+            f"{bad} of {len(v)} case × structure values of {metric} are not finite and are "
+            "left out of the means."
         )
     c["value"] = v.where(np.isfinite(v))
     c["client"] = c["client"].astype(str)
@@ -217,6 +236,28 @@ def client_scores(
         c.groupby(keys + ["structure"], dropna=False)["value"].mean().rename("value").reset_index()
     )
     return headline.dropna(subset=["value"]), per_struct.dropna(subset=["value"])
+
+
+def _test_cases(cases: pd.DataFrame) -> pd.DataFrame:
+    """Test cases of the selected checkpoint, one row per real structure."""
+    c = cases[(cases["selection"] == "best") & (cases["split"] == "test")].copy()
+    structs = set(c["structure"].unique())
+    if "mean" in structs and len(structs) > 1:  # never average a precomputed mean twice
+        c = c[c["structure"] != "mean"]
+    return c
+
+
+def failure_counts(cases: pd.DataFrame) -> pd.DataFrame:
+    """Per run and client: case × structure values that took the surface failure value
+    (``failures``) out of all of them (``values``), from the ``surface_failure`` column."""
+    c = _test_cases(cases)
+    flag = (
+        c["surface_failure"].fillna(False).astype(bool)
+        if "surface_failure" in c.columns
+        else pd.Series(False, index=c.index)
+    )
+    c = c.assign(failures=flag.astype(int), values=1, client=c["client"].astype(str))
+    return c.groupby(RUN + ["client"], dropna=False)[["failures", "values"]].sum().reset_index()
 
 
 # ------------------------------------------------------------------------------- aggregations

@@ -181,6 +181,37 @@ def markers_from(comp: stats.Comparison | None) -> dict[str, str]:
     return out
 
 
+def failure_cells(res: Results, methods: list[str], dataset: str | None = None) -> dict[str, str]:
+    """Method → "failed/all" case × structure values with the surface failure value (headline
+    labels, every seed and client; one dataset or all)."""
+    f = res.headline(res.failures) if not res.failures.empty else res.failures
+    if dataset is not None and not f.empty:
+        f = f[f["dataset"] == dataset]
+    out = {}
+    for m in methods:
+        g = f[f["method"] == m] if not f.empty else f
+        out[m] = f"{int(g['failures'].sum())}/{int(g['values'].sum())}" if len(g) else "–"
+    return out
+
+
+FAILURE_NOTE = (
+    "Failures: case × structure values (over seeds and clients) where exactly one of prediction "
+    "and reference is empty; they take the declared failure value, the image diagonal in "
+    "spacing units (the BraTS convention; both empty → 0), and are part of every mean."
+)
+
+
+def _add_failures(
+    res: Results, cells: pd.DataFrame, methods: list[str], dataset: str | None = None
+) -> str:
+    """Add the Failures column to a surface-distance table; returns the caption sentence."""
+    if not res.surface:
+        return ""
+    fc = failure_cells(res, methods, dataset)
+    cells["Failures"] = [fc.get(m, "–") for m in cells.index]
+    return " " + FAILURE_NOTE
+
+
 # ------------------------------------------------------------------------------- builders
 
 
@@ -231,12 +262,13 @@ def dataset_table(
             f"test against {reference} over N = {comp.n} clients (blocks), k = {comp.k} methods, "
             f"Holm-corrected. {marker_legend(reference, practical)}."
         )
+    fail_note = _add_failures(res, cells, methods, dataset)
     caption = (
         f"{dataset}: test {res.metric_label} ({direction(hib)}) per site, client-macro mean "
         f"(each site weighted equally), worst client and SD across clients; "
         f"{spread_text(seeds)}; {n_sites} sites, {len(methods)} methods. Best in "
         f"bold, second underlined (on the displayed rounding; Client SD: lower is better). "
-        f"Tests: {test}"
+        f"Tests: {test}{fail_note}"
     )
     return Table(
         name=f"dataset_{_slug(dataset)}",
@@ -337,10 +369,11 @@ def main_table(
             f"(blocks = its clients; none where too few clients). "
             f"{marker_legend(reference, practical)}."
         )
+    fail_note = _add_failures(res, cells, methods)
     caption = (
         f"Test {res.metric_label} ({direction(hib)}): client-macro mean per dataset (each site "
         f"weighted equally), {spread_text(seeds)}. Best in bold, "
-        f"second underlined (on the displayed rounding). Tests: {tests}"
+        f"second underlined (on the displayed rounding). Tests: {tests}{fail_note}"
     )
     return Table(
         name="main",
