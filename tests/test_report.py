@@ -222,19 +222,51 @@ def test_reads_only_tidy_results(built):
     assert not any("checkpoints" in p for p in opened)
 
 
-def test_cd_diagram_without_scikit_posthocs(monkeypatch, tmp_path):
+def test_markers_and_cd_bars_agree_on_a_planted_example(tmp_path):
+    """One family: a method is marked against the reference exactly when no crossbar joins it
+    to the reference, and every pair is joined exactly when its test is not significant."""
     from pflbench.report import figures
 
-    monkeypatch.setitem(sys.modules, "scikit_posthocs", None)  # import fails: own drawing
     rng = np.random.default_rng(0)
-    base = rng.uniform(0.6, 0.9, 12)
-    m = pd.DataFrame({"fedavg": base, "ditto": base + 0.05, "local": base - 0.001})
-    comp = stats.analyze(m, n_resamples=0, bayes=False)
-    fig, how = figures.cd_figure(comp, figures.palette(list(m.columns)))
-    assert how == "matplotlib"
-    assert figures.cliques(["ditto", "fedavg", "local"], comp.sig_matrix) == [["fedavg", "local"]]
+    base = rng.uniform(0.6, 0.9, 18)
+    noise = lambda: rng.normal(0, 0.004, 18)  # noqa: E731
+    m = pd.DataFrame(
+        {
+            "fedavg": base,
+            "ditto": base + 0.05 + noise(),
+            "fedprox": base + 0.012 + noise(),  # near the edge: Holm over 10 pairs decides
+            "local": base - 0.001 + noise(),
+            "bad": base - 0.06 + noise(),
+        }
+    )
+    comp = stats.analyze(m, "fedavg", n_resamples=0, bayes=False, family="pairs")
+    assert comp.family_size == 10 and len(comp.vs_reference) == 4
+    marks = rtables.markers_from(comp)
+    fig, bars = figures.cd_figure(comp, figures.palette(list(m.columns)))
+    assert marks["ditto"] == rtables.UP and marks["bad"] == rtables.DOWN and "local" not in marks
+    for a in m.columns.drop("fedavg"):
+        assert (a in marks) == (not figures.joined(bars, a, "fedavg")), a
+    for _, row in comp.pairs.iterrows():
+        assert row["significant"] == (not figures.joined(bars, row["a"], row["b"])), tuple(row)
+    # the vs-reference rows are the pairs rows: same p, same verdict
+    pr = comp.pairs[comp.pairs["b"] == "fedavg"].set_index("a")
+    vr = comp.vs_reference.set_index("a")
+    pd.testing.assert_series_equal(vr["p_holm"], pr.loc[vr.index, "p_holm"])
+    assert (vr["verdict"] == pr.loc[vr.index, "verdict"]).all()
     png = figures.save(fig, tmp_path, "cd")
     assert png.stat().st_size > 1000 and (tmp_path / "cd.pdf").exists()
+
+
+def test_report_markers_come_from_the_cd_diagrams_family(built):
+    _, out, _ = built
+    comp = pd.read_csv(out / "tables" / "comparison.csv").set_index("a")
+    pairs = pd.read_csv(out / "tables" / "pairs.csv")
+    ref = pairs[pairs["b"] == "fedavg"].set_index("a")
+    assert len(pairs) == 10 and set(comp.index) == set(ref.index)
+    assert (comp["significant"] == ref.loc[comp.index, "significant"]).all()
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "Holm over all 10 pairs of the 5 methods" in md and "Nemenyi" not in md
+    assert "Drawn with scikit-posthocs" in md
 
 
 def test_golden_tables_from_fabricated_runs(built):

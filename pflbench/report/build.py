@@ -91,7 +91,12 @@ def _analyze(matrix: pd.DataFrame, reference: str, res: Results, practical: floa
     if matrix.shape[1] < 2 or matrix.shape[0] < 1 or reference not in matrix.columns:
         return None
     return stats.analyze(
-        matrix, reference, higher_is_better=res.higher_is_better, practical=practical, **kw
+        matrix,
+        reference,
+        higher_is_better=res.higher_is_better,
+        practical=practical,
+        family="pairs",  # one family: markers, verdicts and CD crossbars come from the same tests
+        **kw,
     )
 
 
@@ -116,7 +121,7 @@ def _omnibus_text(comp: stats.Comparison, what: str) -> str:
     head = f"{what}: N = {comp.n} blocks, k = {comp.k} methods."
     if comp.too_few:
         return (
-            f"{head} {stats.TOO_FEW.capitalize()}: {tables.too_few_text(comp.n, comp.k, comp.alpha)}, so no "
+            f"{head} {stats.TOO_FEW.capitalize()}: {tables.too_few_text(comp.n, comp.family_size, comp.alpha)}, so no "
             "p-values are reported; the numbers are descriptive only."
         )
     if not fr.available:
@@ -130,7 +135,7 @@ def _omnibus_text(comp: stats.Comparison, what: str) -> str:
             if fr.significant(comp.alpha)
             else f"{stats.NO_EVIDENCE} between the methods (post hoc verdicts are gated on it)."
         )
-        + f" Nemenyi reference: q₀.₀₅ = {comp.nemenyi_q:.3f}, CD = {comp.nemenyi_cd:.2f}."
+        + f" Post hoc: {tables.family_text(comp)}."
     )
 
 
@@ -296,16 +301,16 @@ def build_report(
     # ------------------------------------------------------------------ figures
     colors = figures.palette(methods)
     figs: dict[str, tuple[Path, str]] = {}
-    cd_how = None
     if overall is not None and overall.k >= 2 and overall.n >= 2:
-        fig, cd_how = figures.cd_figure(overall, colors)
+        fig, _ = figures.cd_figure(overall, colors)
         figs["cd"] = (
             figures.save(fig, out / "figures", "cd_diagram"),
             f"Critical-difference diagram: mean rank of each method over N = {overall.n} blocks "
             f"(dataset, client), k = {overall.k}, test {res.metric_label} (1 = best). Crossbars "
-            f"join methods without a significant difference (Wilcoxon signed-rank, Holm-adjusted "
-            f"p < {overall.alpha:g} and |Δ| > {practical:g}); the CD bar is the Nemenyi critical "
-            f"difference (α = 0.05, CD = {overall.nemenyi_cd:.2f}) for reference only.",
+            f"join methods without a significant difference in the same tests as the table "
+            f"markers and the text: two-sided Wilcoxon signed-rank, {tables.family_text(overall)}"
+            f", adjusted p < {overall.alpha:g} and |Δ| > {practical:g}, gated on the "
+            "Iman–Davenport test. Drawn with scikit-posthocs' critical_difference_diagram.",
         )
     conv, conv_metric = data.convergence(res)
     fig = figures.convergence_figure(conv, methods, colors, data.metric_info(conv_metric)[2])
@@ -420,8 +425,7 @@ def build_report(
         Block(
             "p",
             "Files: `tables/*.tex` (booktabs; `tables/all_tables.tex` compiles them), "
-            "`figures/*.pdf|png`, `tables/*.csv` (blocks and test results). CD diagram drawn "
-            f"with {cd_how or 'n/a'}.",
+            "`figures/*.pdf|png`, `tables/*.csv` (blocks and test results).",
         )
     )
     (out / "report.md").write_text(render_markdown(doc), encoding="utf-8")

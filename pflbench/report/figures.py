@@ -56,87 +56,43 @@ def _grid(n: int, width: float = 4.6, height: float = 3.4, ncols: int = 3):
 # ------------------------------------------------------------------------------ CD diagram
 
 
-def cliques(order: list[str], sig: pd.DataFrame) -> list[list[str]]:
-    """Maximal runs of rank-ordered methods with no significant pair inside (for crossbars)."""
-    out: list[list[str]] = []
-    for i in range(len(order)):
-        j = i
-        while j + 1 < len(order) and all(
-            sig.loc[order[a], order[j + 1]] >= stats.ALPHA for a in range(i, j + 1)
-        ):
-            j += 1
-        group = order[i : j + 1]
-        if len(group) > 1 and not any(set(group) <= set(g) for g in out):
-            out.append(group)
-    return out
+def cd_figure(comp: stats.Comparison, colors: dict) -> tuple[Figure, list[set[str]]]:
+    """Mean ranks with crossbars from :attr:`~pflbench.stats.Comparison.sig_matrix`, drawn by
+    ``scikit_posthocs.critical_difference_diagram`` (a dependency: one drawing everywhere).
 
-
-def _cd_fallback(ax, mean_rank: pd.Series, sig: pd.DataFrame, cd: float, colors: dict) -> None:
-    """A Demšar-style critical-difference diagram drawn with matplotlib only."""
-    r = mean_rank.sort_values()
-    k = len(r)
-    order = list(r.index)
-    lo, hi = 1, max(k, 2)
-    ax.hlines(0, lo, hi, color="k", lw=1)
-    for t in range(lo, hi + 1):
-        ax.vlines(t, 0, 0.12, color="k", lw=1)
-        ax.text(t, 0.2, str(t), ha="center", va="bottom", fontsize=9)
-    bars = cliques(order, sig)
-    for level, g in enumerate(bars):
-        y = -0.25 * (level + 1)
-        ax.hlines(y, r[g[0]] - 0.03, r[g[-1]] + 0.03, color="k", lw=3)
-    base = -0.25 * (len(bars) + 1)
-    left, right = order[: (k + 1) // 2], order[(k + 1) // 2 :]
-    for i, m in enumerate(left):
-        y = base - 0.3 * i
-        ax.plot([r[m], r[m], lo - 0.1], [0, y, y], color=colors.get(m, "k"), lw=1)
-        ax.text(lo - 0.15, y, f"{m} ({r[m]:.2f})", ha="right", va="center", fontsize=9)
-    for i, m in enumerate(reversed(right)):
-        y = base - 0.3 * i
-        ax.plot([r[m], r[m], hi + 0.1], [0, y, y], color=colors.get(m, "k"), lw=1)
-        ax.text(hi + 0.15, y, f"({r[m]:.2f}) {m}", ha="left", va="center", fontsize=9)
-    if np.isfinite(cd):
-        ax.hlines(0.55, lo, lo + cd, color="tab:red", lw=2)
-        ax.text(lo + cd / 2, 0.62, f"CD = {cd:.2f}", ha="center", va="bottom", fontsize=9)
-    ax.set_xlim(lo - 1.6, hi + 1.6)
-    ax.set_ylim(base - 0.3 * max(len(left), len(right)), 0.9)
-    ax.axis("off")
-
-
-def cd_figure(comp: stats.Comparison, colors: dict, title: str = "") -> tuple[Figure, str]:
-    """Mean ranks with crossbars from the Wilcoxon–Holm verdicts and the Nemenyi CD bar.
-
-    Returns the figure and which implementation drew it ("scikit-posthocs" or "matplotlib").
+    The crossbars join methods with no significant pairwise difference in the same Wilcoxon
+    tests and Holm family as the table markers and the text; no Nemenyi bar is drawn (it is a
+    different test and would tell another story). Returns the figure and the crossbars as drawn
+    (sets of methods), so the caption and the tests can check them against the markers.
     """
+    import scikit_posthocs as sp  # noqa: PLC0415 - heavy import, only when drawing
+
     mean_rank = comp.friedman.mean_ranks.astype(float)
     k = len(mean_rank)
-    fig = new_figure(max(6.0, 1.1 * k + 3), 1.6 + 0.32 * k)
+    fig = new_figure(7.0, 0.9 + 0.28 * k)
     ax = fig.subplots()
-    how = "matplotlib"
-    try:
-        import scikit_posthocs as sp  # noqa: PLC0415 - optional
-
-        sp.critical_difference_diagram(
-            mean_rank,
-            comp.sig_matrix,
-            ax=ax,
-            cd=comp.nemenyi_cd if np.isfinite(comp.nemenyi_cd) else None,
-            alpha=comp.alpha,
-            color_palette={m: colors[m] for m in mean_rank.index},
-            label_fmt_left="{label} ({rank:.2f})",
-            label_fmt_right="({rank:.2f}) {label}",
-        )
-        how = "scikit-posthocs"
-    except Exception:  # noqa: BLE001 - not installed or an API change: draw it ourselves
-        ax.clear()
-        _cd_fallback(ax, mean_rank, comp.sig_matrix, comp.nemenyi_cd, colors)
-    ax.set_title(
-        title
-        or f"Mean ranks over N = {comp.n} blocks (1 = best); bars join methods without a "
-        f"significant difference",
-        fontsize=10,
+    artists = sp.critical_difference_diagram(
+        mean_rank,
+        comp.sig_matrix,
+        ax=ax,
+        alpha=comp.alpha,
+        color_palette={m: colors[m] for m in mean_rank.index},
+        label_fmt_left="{label} ({rank:.2f})",
+        label_fmt_right="({rank:.2f}) {label}",
+        label_props={"fontsize": 8},
+        text_h_margin=0.3,
     )
-    return fig, how
+    bars = []
+    for lines in artists["crossbars"]:  # one ax.plot() result per crossbar
+        xs = np.asarray(lines[0].get_xdata(), dtype=float)
+        bars.append({m for m, r in mean_rank.items() if np.isclose(xs, r).any()})
+    ax.set_xlabel("mean rank (1 = best)", fontsize=8)
+    return fig, bars
+
+
+def joined(bars: list[set[str]], a: str, b: str) -> bool:
+    """Whether one crossbar of the CD diagram joins ``a`` and ``b``."""
+    return any({a, b} <= bar for bar in bars)
 
 
 # ------------------------------------------------------------------------------ curves

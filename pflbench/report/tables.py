@@ -79,16 +79,17 @@ def p_text(p: float, name: str = "p") -> str:
     return f"{name} {f}" if f.startswith("<") else f"{name} = {f}"
 
 
-def too_few_text(n: int, k: int, alpha: float = stats.ALPHA) -> str:
-    """Why no test against the reference can be significant with N blocks and k methods."""
-    fam = max(1, k - 1)
+def too_few_text(n: int, family: int, alpha: float = stats.ALPHA) -> str:
+    """Why no test against the reference can be significant with N blocks and a Holm family of
+    ``family`` tests."""
+    fam = max(1, family)
     if stats.too_few_blocks(n, alpha):
         return (
             f"with N = {n} blocks the smallest attainable two-sided Wilcoxon p is "
             f"{stats.min_wilcoxon_p(n):.3g} ≥ {alpha:g}"
         )
     return (
-        f"with N = {n} blocks and {fam} Holm-corrected comparisons the smallest attainable "
+        f"with N = {n} blocks and {fam} Holm-corrected pairwise tests the smallest attainable "
         f"adjusted p is {fam * stats.min_wilcoxon_p(n):.3g} ≥ {alpha:g}"
     )
 
@@ -163,10 +164,17 @@ VERDICT_NOTE = (
 )
 
 
-def marker_legend(reference: str, practical: float, alpha: float = stats.ALPHA) -> str:
+def family_text(comp: stats.Comparison) -> str:
+    """The one family every marker, verdict and crossbar of ``comp`` is corrected over."""
+    return f"Holm over all {comp.family_size} pairs of the {comp.k} methods"
+
+
+def marker_legend(
+    reference: str, practical: float, alpha: float = stats.ALPHA, family: str = ""
+) -> str:
     return (
         f"▲/▼: significantly better/worse than {reference} (two-sided Wilcoxon signed-rank test "
-        f"over the blocks, Holm-adjusted p < {alpha:g} and |Δ| > {practical:g})"
+        f"over the blocks, {family or 'Holm'}-adjusted p < {alpha:g} and |Δ| > {practical:g})"
     )
 
 
@@ -255,12 +263,12 @@ def dataset_table(
     if comp is None:
         test = "no tests (fewer than two methods)."
     elif comp.too_few:
-        test = f"within the dataset (blocks = clients) {too_few_text(comp.n, comp.k)}: descriptive only, no markers."
+        test = f"within the dataset (blocks = clients) {too_few_text(comp.n, comp.family_size)}: descriptive only, no markers."
     else:
         test = (
             f"markers on Macro from the Friedman/Iman–Davenport test and the Wilcoxon signed-rank "
             f"test against {reference} over N = {comp.n} clients (blocks), k = {comp.k} methods, "
-            f"Holm-corrected. {marker_legend(reference, practical)}."
+            f"{family_text(comp)}. {marker_legend(reference, practical)}."
         )
     fail_note = _add_failures(res, cells, methods, dataset)
     caption = (
@@ -365,8 +373,9 @@ def main_table(
         tests = (
             f"mean rank over N = {overall.n} blocks (dataset, client), k = {overall.k} methods "
             f"(1 = best); {omni}markers on Mean rank from Wilcoxon signed-rank tests against "
-            f"{reference} over all blocks, on a dataset from the tests within that dataset "
-            f"(blocks = its clients; none where too few clients). "
+            f"{reference} over all blocks ({family_text(overall)}: the same tests and family as "
+            f"the text and the CD diagram's bars), on a dataset from the tests within that "
+            f"dataset (blocks = its clients, Holm over its pairs; none where too few clients). "
             f"{marker_legend(reference, practical)}."
         )
     fail_note = _add_failures(res, cells, methods)
@@ -464,7 +473,8 @@ def pairs_table(comp: stats.Comparison, res: Results) -> Table:
         f"All pairs over N = {comp.n} blocks, k = {comp.k} methods, test {res.metric_label} "
         f"({direction(res.higher_is_better)}): Δ = mean paired difference (first − second) with "
         f"a bootstrap 95% CI; two-sided Wilcoxon signed-rank tests, Holm-corrected over the "
-        f"{len(comp.pairs)} pairs; r = rank-biserial correlation. {_wording(comp)}"
+        f"{len(comp.pairs)} pairs (one family: the markers, the comparison with the reference and "
+        f"the CD diagram's bars are these tests); r = rank-biserial correlation. {_wording(comp)}"
     )
     caption += " " + VERDICT_NOTE
     return Table(name="pairs", title="All pairs", cells=cells, caption=caption, index_name="Pair")
@@ -484,7 +494,8 @@ def per_dataset_table(
     caption = (
         f"Within each dataset: each method against {reference} over its clients (blocks), test "
         f"{res.metric_label} ({direction(res.higher_is_better)}); two-sided Wilcoxon signed-rank "
-        f"tests, Holm-corrected within the dataset, gated by the Friedman/Iman–Davenport test "
+        f"tests, Holm-corrected over all pairs of the dataset's methods, gated by the "
+        f"Friedman/Iman–Davenport test "
         f"where k ≥ 3. With N ≤ 5 clients no p < {stats.ALPHA:g} is attainable and no p-value is "
         "shown. " + VERDICT_NOTE
     )
@@ -559,7 +570,9 @@ def tuned_default_table(
 def _tests_sentence(comp: stats.Comparison) -> str:
     fr = comp.friedman
     if comp.too_few:
-        return f"No p-values: {too_few_text(comp.n, comp.k, comp.alpha)}; descriptive only."
+        return (
+            f"No p-values: {too_few_text(comp.n, comp.family_size, comp.alpha)}; descriptive only."
+        )
     parts = []
     if fr.available:
         parts.append(
@@ -569,8 +582,8 @@ def _tests_sentence(comp: stats.Comparison) -> str:
             "verdicts are gated on it)."
         )
     parts.append(
-        f"Post hoc: two-sided Wilcoxon signed-rank tests, Holm-corrected over the "
-        f"{len(comp.vs_reference)} comparison(s)."
+        f"Post hoc: two-sided Wilcoxon signed-rank tests, {family_text(comp)} (one family for "
+        "the markers, this comparison and the CD diagram's bars)."
     )
     return " ".join(parts)
 
