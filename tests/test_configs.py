@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -171,3 +172,34 @@ def test_a_real_protocol_difference_between_methods_is_still_flagged(tmp_path):
     md = (build_report(tmp_path, out=tmp_path / "rep") / "report.md").read_text(encoding="utf-8")
     line = next(ln for ln in md.splitlines() if "different protocols" in ln)
     assert "(eval_every: 1 vs 2)" in line
+
+
+def test_configurations_table_cites_tuned_values_space_and_trials(tmp_path):
+    from pflbench.report import tables
+    from pflbench.report.data import load
+
+    space = {
+        "lr": dict(name="lr", source="shared", kind="float", low=0.001, high=0.1, log=True),
+        "local_epochs": dict(name="local_epochs", source="shared", kind="int", low=1, high=3),
+        "mu": dict(name="mu", source="method", kind="float", low=1e-4, high=1.0, log=True),
+    }
+    for seed in (0, 1):
+        write(tmp_path, "fedprox", seed, 0.5, label="tuned", lr=0.004430375245218269)
+        write(tmp_path, "fedprox", seed, 0.45, label="default", lr=0.003)
+    for d in (tmp_path / "results").iterdir():  # what tuning.final_spec records
+        man = json.loads((d / "manifest.json").read_text())
+        tuned = man["label"] == "tuned"
+        man.update(search_space=space, tuning_budget=6, params={"mu": 0.0123456 if tuned else 0.01})
+        if tuned:
+            man["tuning_trial"] = 4
+        (d / "manifest.json").write_text(json.dumps(man))
+    t = tables.configurations_table(load(tmp_path))
+    assert t is not None
+    row = t.cells.loc["synth / fedprox / tuned"]
+    assert row["Hyperparameters"] == "lr = 0.00443; local_epochs = 1; mu = 0.0123"
+    assert row["Search space"] == (
+        "lr ∈ [0.001, 0.1] (log); local_epochs ∈ {1, …, 3}; mu ∈ [0.0001, 1] (log)"
+    )
+    assert row["Trials"] == "6 (best #4)"
+    assert t.cells.loc["synth / fedprox / default", "Hyperparameters"].startswith("lr = 0.003;")
+    assert "0.004430375245218269" not in t.cells.to_string()

@@ -318,25 +318,65 @@ def _check_golden(name: str, text: str) -> None:
     assert text == path.read_text(encoding="utf-8"), f"{name}.tex differs from {path}"
 
 
-@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed")
-def test_tables_compile_with_pdflatex(built, tmp_path):
-    _, out, _ = built
-    for p in (out / "tables").glob("*.tex"):
-        shutil.copy(p, tmp_path / p.name)
-    for p in GOLDEN.glob("*.tex"):
-        shutil.copy(p, tmp_path / f"golden_{p.name}")
-    files = sorted(p for p in tmp_path.glob("*.tex") if p.name != "all_tables.tex")
-    (tmp_path / "doc.tex").write_text(rlatex.document(files))
+def _pdflatex(folder: Path, doc: str) -> str:
+    """Compile ``doc`` in ``folder``; returns the log (the test fails on a LaTeX error)."""
     proc = subprocess.run(
-        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
-        cwd=tmp_path,
+        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc],
+        cwd=folder,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert (tmp_path / "doc.pdf").stat().st_size > 1000
-    assert "Missing character" not in (tmp_path / "doc.log").read_text(errors="replace")
+    assert (folder / doc).with_suffix(".pdf").stat().st_size > 1000
+    return (folder / doc).with_suffix(".log").read_text(errors="replace")
+
+
+def overfull(log: str, tolerance: float = 1.0) -> list[float]:
+    """Overfull hbox/vbox amounts (pt) above ``tolerance`` in a LaTeX log."""
+    found = re.findall(r"Overfull \\[hv]box \((\d+(?:\.\d+)?)pt too (?:wide|high)", log)
+    return [float(x) for x in found if float(x) > tolerance]
+
+
+def test_overfull_counts_boxes_above_the_tolerance():
+    log = (
+        "Overfull \\hbox (39.7pt too wide) in alignment at lines 5--20\n"
+        "Overfull \\hbox (0.4pt too wide) in paragraph\nOverfull \\vbox (589.0pt too high) has"
+    )
+    assert overfull(log) == [39.7, 589.0]
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed")
+def test_golden_tables_compile_with_pdflatex(tmp_path):
+    for p in GOLDEN.glob("*.tex"):
+        shutil.copy(p, tmp_path / f"golden_{p.name}")
+    files = sorted(tmp_path.glob("golden_*.tex"))
+    (tmp_path / "doc.tex").write_text(rlatex.document(files))
+    assert "Missing character" not in _pdflatex(tmp_path, "doc.tex")
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory) -> Path:
+    """Nine methods (36 pairs: the pairs table is split into parts) on 7 sites."""
+    run_dir = tmp_path_factory.mktemp("wide")
+    effects = {f"method_{i}": 0.01 * i for i in range(8)} | {"fedavg": 0.0}
+    fabricate(run_dir, datasets={"prostate_x": 7}, effects=effects, seeds=(0, 1), rounds=2,
+              cases=2, tuned=())  # fmt: skip
+    return build_report(run_dir)
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed")
+@pytest.mark.parametrize("doc", ["all_tables.tex", "all_tables_twocolumn.tex"])
+@pytest.mark.parametrize("which", ["built", "wide"])
+def test_all_tables_fit_one_and_two_column_articles(request, tmp_path, doc, which):
+    out = request.getfixturevalue(which)
+    out = out[1] if which == "built" else out
+    shutil.copytree(out / "tables", tmp_path / "t")
+    log = _pdflatex(tmp_path / "t", doc)
+    assert overfull(log) == [], f"overfull boxes above 1 pt in {doc}"
+    assert "Float too large" not in log and "Missing character" not in log
+    if which == "wide":
+        assert "(part 2 of 2)" in (tmp_path / "t" / "pairs.tex").read_text()
 
 
 def test_lower_is_better_metric_and_small_n(tmp_path):

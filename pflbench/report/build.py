@@ -187,11 +187,17 @@ def _appendix(res: Results, notes: list[str]) -> list[Block]:
         ("peak memory (max)", f"{pd.to_numeric(mf['peak_memory_mb'], errors='coerce').max():.0f} MB"),
     ]  # fmt: skip
     blocks.append(Block("kv", rows))
-    cfg = []
-    for (d, m, lab), g in mf.groupby(["dataset", "method", "label"]):
-        cfg.append((f"{d} / {m} / {lab}", f"params {_distinct(g['params'])}; budget "
-                    f"{_distinct(g['budget'])}; seeds {', '.join(map(str, sorted(g['seed'])))}"))  # fmt: skip
-    blocks += [Block("h3", "Configurations"), Block("kv", cfg, ("Run group", "Configuration"))]
+    seeds = [
+        (
+            f"{d} / {m} / {lab}",
+            f"seeds {', '.join(map(str, sorted(g['seed'])))}; work {_distinct(g['budget'])}",
+        )
+        for (d, m, lab), g in mf.groupby(["dataset", "method", "label"])
+    ]
+    blocks += [
+        Block("h3", "Seeds and local work per run group"),
+        Block("kv", seeds, ("Run group", "Seeds and work (the engine's budget record)")),
+    ]
     per = (
         mf.assign(
             total_s=pd.to_numeric(mf["total_s"], errors="coerce"),
@@ -287,12 +293,16 @@ def build_report(
     pairs_t = tables.pairs_table(overall, res) if overall is not None and overall.k > 2 else None
     perds_t = tables.per_dataset_table(per_dataset, res, reference)
     tvd_t = tables.tuned_default_table(res, practical)
+    conf_t = tables.configurations_table(res)
     all_tables = [
-        t for t in [main, *ds_tables, *st_tables, comp_t, pairs_t, perds_t, tvd_t]
+        t for t in [main, *ds_tables, *st_tables, comp_t, pairs_t, perds_t, tvd_t, conf_t]
         if t is not None and not t.cells.empty
     ]  # fmt: skip
     tex_files = latex.write_tables(all_tables, out / "tables")
     (out / "tables" / "all_tables.tex").write_text(latex.document(tex_files), encoding="utf-8")
+    (out / "tables" / "all_tables_twocolumn.tex").write_text(
+        latex.document(tex_files, "twocolumn"), encoding="utf-8"
+    )
     matrix.reset_index().to_csv(out / "tables" / "blocks.csv", index=False)
     if overall is not None:
         overall.vs_reference.to_csv(out / "tables" / "comparison.csv", index=False)
@@ -417,6 +427,8 @@ def build_report(
             doc.append(Block("figure", figs[key]))
     if tvd_t is not None:
         doc += [Block("h2", "Tuned vs default configuration"), Block("table", tvd_t)]
+    if conf_t is not None:
+        doc += [Block("h2", "Configurations"), Block("table", conf_t)]
     appendix = _appendix(res, notes)
     if notes:
         doc += [Block("h2", "Notes")] + [Block("note", n) for n in notes]
@@ -424,7 +436,8 @@ def build_report(
     doc.append(
         Block(
             "p",
-            "Files: `tables/*.tex` (booktabs; `tables/all_tables.tex` compiles them), "
+            "Files: `tables/*.tex` (booktabs; `tables/all_tables.tex` and "
+            "`tables/all_tables_twocolumn.tex` compile them in a one- and a two-column article), "
             "`figures/*.pdf|png`, `tables/*.csv` (blocks and test results).",
         )
     )

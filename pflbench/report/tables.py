@@ -34,6 +34,7 @@ class Table:
     markers: pd.DataFrame | None = None
     index_name: str = "Method"
     notes: list[str] = field(default_factory=list)
+    widths: dict[str, str] = field(default_factory=dict)  # column → LaTeX p{} width (text columns)
 
     def mask(self, which: str) -> pd.DataFrame:
         m = getattr(self, which)
@@ -602,3 +603,88 @@ def _wording(comp: stats.Comparison) -> str:
 def _slug(s: str) -> str:
     out = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(s))
     return out or "dataset"
+
+
+# ------------------------------------------------------------------------------- configurations
+
+#: Shared hyperparameters (protocol keys) every method runs with, by their search-space names.
+SHARED = {"lr": ("optimizer", "lr"), "local_epochs": ("local_epochs",),
+          "local_steps": ("local_steps",), "batch_size": ("batch_size",)}  # fmt: skip
+
+
+def _num(v: object) -> str:
+    """A value rounded for reading: 3 significant digits (0.004430375245218269 → 0.00443)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return str(v)
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _shared_value(protocol: dict, name: str) -> object:
+    v: object = protocol
+    for k in SHARED[name]:
+        v = v.get(k) if isinstance(v, dict) else None
+    return v
+
+
+def _space_text(name: str, dim: dict) -> str:
+    if dim.get("kind") == "categorical":
+        return f"{name} ∈ {{{', '.join(_num(c) for c in dim.get('choices') or [])}}}"
+    lo, hi = dim.get("low"), dim.get("high")
+    if dim.get("kind") == "int":
+        lo, hi = int(lo), int(hi)  # type: ignore[arg-type]
+        rng = f"{{{lo}, …, {hi}}}"
+    else:
+        rng = f"[{_num(lo)}, {_num(hi)}]"
+    return f"{name} ∈ {rng}" + (" (log)" if dim.get("log") else "")
+
+
+def configurations_table(res: Results) -> Table | None:
+    """Every configuration reported, per dataset × method × label: the hyperparameter values
+    (rounded for reading), the search space they were tuned in and the tuning budget."""
+    rows: dict[str, dict[str, str]] = {}
+    seen: set[tuple[str, str, str]] = set()
+    for m in sorted(res.manifests, key=lambda m: (str(m.get("dataset")), str(m.get("method")),
+                                                 str(m.get("label")))):  # fmt: skip
+        key = (str(m.get("dataset")), str(m.get("method")), str(m.get("label")))
+        if key in seen:
+            continue
+        seen.add(key)
+        space: dict = m.get("search_space") or {}
+        protocol, params = m.get("protocol") or {}, m.get("params") or {}
+        if space:  # the searched dimensions, shared first
+            values = {
+                n: _shared_value(protocol, n) if d.get("source") == "shared" else params.get(n)
+                for n, d in space.items()
+            }
+        else:
+            values = {n: _shared_value(protocol, n) for n in SHARED} | dict(params)
+        shown = "; ".join(f"{n} = {_num(v)}" for n, v in values.items() if v is not None)
+        budget = m.get("tuning_budget")
+        best = m.get("tuning_trial")
+        trials = (
+            "–"
+            if budget is None
+            else f"{budget}"
+            + (f" (best #{best})" if best is not None and key[2] == "tuned" else "")
+        )
+        rows[" / ".join(key)] = {
+            "Hyperparameters": shown or "–",
+            "Search space": "; ".join(_space_text(n, d) for n, d in space.items()) or "–",
+            "Trials": trials,
+        }
+    if not rows:
+        return None
+    cells = pd.DataFrame.from_dict(rows, orient="index")
+    caption = (
+        "Configurations reported, per dataset / method / label: the hyperparameter values of "
+        "the runs (3 significant digits; with a search space, the searched ones: shared protocol "
+        "values such as lr and each method's own), the search space of the tuning study and its "
+        "budget (trials per (dataset, method), pruned and failed included; the same for every "
+        'method), with the number of the best trial. "default" runs use the protocol\'s and the '
+        'method\'s default values; "fixed" runs were not tuned.'
+    )
+    return Table(
+        name="configurations", title="Configurations", cells=cells, caption=caption,
+        index_name="Dataset / method / label",
+        widths={"Hyperparameters": "4.2cm", "Search space": "5.2cm"},
+    )  # fmt: skip
