@@ -309,42 +309,56 @@ def build_report(
         overall.pairs.to_csv(out / "tables" / "pairs.csv", index=False)
 
     # ------------------------------------------------------------------ figures
-    colors = figures.palette(methods)
+    st = figures.styles(methods, reference)
     figs: dict[str, tuple[Path, str]] = {}
+    fig_dir = out / "figures"
+
+    def draw(key: str, name: str, caption: str, make) -> None:
+        """Full text width in figures/, one column of a two-column paper in figures/column/."""
+        fig = make(figures.FULL_IN)
+        if fig is None:
+            return
+        figs[key] = (figures.save(fig, fig_dir, name), caption)
+        figures.save(make(figures.COLUMN_IN), fig_dir / "column", name)
+
+    emphasis = f" {reference} (the reference) is drawn in black."
     if overall is not None and overall.k >= 2 and overall.n >= 2:
-        fig, _ = figures.cd_figure(overall, colors)
-        figs["cd"] = (
-            figures.save(fig, out / "figures", "cd_diagram"),
+        draw(
+            "cd",
+            "cd_diagram",
             f"Critical-difference diagram: mean rank of each method over N = {overall.n} blocks "
             f"(dataset, client), k = {overall.k}, test {res.metric_label} (1 = best). Crossbars "
             f"join methods without a significant difference in the same tests as the table "
             f"markers and the text: two-sided Wilcoxon signed-rank, {tables.family_text(overall)}"
             f", adjusted p < {overall.alpha:g} and |Δ| > {practical:g}, gated on the "
             "Iman–Davenport test. Drawn with scikit-posthocs' critical_difference_diagram.",
+            lambda w: figures.cd_figure(overall, st, w)[0],
         )
     conv, conv_metric = data.convergence(res)
-    fig = figures.convergence_figure(conv, methods, colors, data.metric_info(conv_metric)[2])
-    if fig is not None:
-        figs["convergence"] = (
-            figures.save(fig, out / "figures", "convergence"),
-            f"Validation {data.metric_info(conv_metric)[2]} (client-macro, mean over structures) "
-            "against the round: mean over seeds with a 95% t confidence interval over seeds.",
-        )
+    conv_label = data.metric_info(conv_metric)[2]
+    draw(
+        "convergence",
+        "convergence",
+        f"Validation {conv_label} against the round: for each seed the client-macro mean (each "
+        "site equal, mean over structures), then the mean over seeds with a 95% t confidence "
+        f"interval over seeds, clipped to [0, 1].{emphasis}",
+        lambda w: figures.convergence_figure(conv, methods, st, conv_label, w),
+    )
     blocks_long = matrix.stack().rename("value").reset_index().rename(columns={"level_2": "method"})
     blocks_long.columns = ["dataset", "client", "method", "value"]
-    fig = figures.distribution_figure(blocks_long, methods, colors, res.metric_label)
-    if fig is not None:
-        figs["distributions"] = (
-            figures.save(fig, out / "figures", "client_distributions"),
-            f"Per-client test {res.metric_label} ({tables.direction(hib)}): one point per client "
-            "(mean over seeds), box = quartiles over the clients of a dataset.",
-        )
-    fig = figures.heatmap_figure(matrix, res.metric_label, hib)
-    if fig is not None:
-        figs["heatmap"] = (
-            figures.save(fig, out / "figures", "heatmap"),
-            f"Method × site test {res.metric_label} (mean over seeds).",
-        )
+    draw(
+        "distributions",
+        "client_distributions",
+        f"Per-client test {res.metric_label} ({tables.direction(hib)}): one point per client "
+        "(mean over seeds), box = quartiles over the clients of a dataset.",
+        lambda w: figures.distribution_figure(blocks_long, methods, st, res.metric_label, w),
+    )
+    draw(
+        "heatmap",
+        "heatmap",
+        f"Method × site test {res.metric_label} (mean over seeds).",
+        lambda w: figures.heatmap_figure(matrix, res.metric_label, hib, w),
+    )
     agg = data.client_aggregates(scores, hib)
     macro = agg.groupby(["dataset", "method"]).agg(
         mean=("macro", "mean"), std=("macro", "std"), worst=("worst", "mean")
@@ -353,22 +367,22 @@ def build_report(
     if not comm.empty:
         by = comm.groupby(["dataset", "method"])["bytes"].mean()
         bdf = macro.join(by, how="inner").reset_index()
-        fig = figures.bytes_figure(bdf, methods, colors, res.metric_label)
-        if fig is not None:
-            figs["bytes"] = (
-                figures.save(fig, out / "figures", "accuracy_vs_bytes"),
-                f"Client-macro test {res.metric_label} against the total bytes communicated per "
-                "run (uploads + downloads over all rounds and clients), mean over seeds; error "
-                "bars: standard deviation over seeds.",
-            )
-    fdf = macro.reset_index().rename(columns={"mean": "macro"})
-    fig = figures.fairness_figure(fdf, methods, colors, res.metric_label, hib)
-    if fig is not None:
-        figs["fairness"] = (
-            figures.save(fig, out / "figures", "fairness"),
-            f"Fairness: worst-client against client-macro test {res.metric_label} per dataset "
-            "and method (mean over seeds); the dashed line is worst = mean.",
+        draw(
+            "bytes",
+            "accuracy_vs_bytes",
+            f"Client-macro test {res.metric_label} against the megabytes communicated per run "
+            "(uploads + downloads over all rounds and clients; log scale, methods that send "
+            "nothing at 0), mean over seeds; error bars: standard deviation over seeds." + emphasis,
+            lambda w: figures.bytes_figure(bdf, methods, st, res.metric_label, w),
         )
+    fdf = macro.reset_index().rename(columns={"mean": "macro"})
+    draw(
+        "fairness",
+        "fairness",
+        f"Fairness: worst-client against client-macro test {res.metric_label} per dataset "
+        "and method (mean over seeds); the dashed line is worst = mean." + emphasis,
+        lambda w: figures.fairness_figure(fdf, methods, st, res.metric_label, hib, w),
+    )
 
     # ------------------------------------------------------------------ document
     seeds = res.seeds()
