@@ -108,3 +108,15 @@ def test_old_results_with_nan_failures_are_refused(folder):
     cases.drop(columns="surface_failure").to_parquet(d / "cases.parquet", index=False)
     with pytest.raises(ReportError, match=r"NaN in 1 run\(s\) \(e.g. d-empty-s0\).*rerun"):
         load(folder, "hd95")
+
+
+def test_a_method_whose_runs_all_diverged_is_a_note_not_an_error(folder):
+    cases = _cases("fedavg", 0).iloc[0:0]  # diverged before the first evaluation: no cases
+    manifest = dict(
+        run_key="d-broken-s0", dataset="d", method="broken", label="fixed", seed=0, params={},
+        protocol={"rounds": 2}, model={}, data_fingerprint="fp", sites=SITES, status="diverged",
+    )  # fmt: skip
+    write_run(folder, "d-broken-s0", RunRecords(pd.DataFrame(), pd.DataFrame(), cases, manifest))
+    res = load(folder, "hd95")
+    assert "broken" not in set(res.client_scores["method"])
+    assert any("d/broken: every run diverged" in n for n in res.notes)

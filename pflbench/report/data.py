@@ -186,9 +186,17 @@ def _apply_configs(res: Results, run_dir: str | Path, select: dict[str, str], sp
 
 
 def _check_every_method_scored(res: Results) -> None:
-    """A method whose runs give no number for the metric is an error, never a silent drop."""
+    """A method whose runs give no number for the metric is an error, never a silent drop
+    (unless every one of its runs diverged before a test evaluation: then a note says so)."""
     have = set(map(tuple, res.client_scores[["dataset", "method"]].drop_duplicates().to_numpy()))
-    missing = sorted({(str(m.get("dataset")), str(m.get("method"))) for m in res.manifests} - have)
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for m in res.manifests:
+        runs.setdefault((str(m.get("dataset")), str(m.get("method"))), []).append(m)
+    missing = sorted(set(runs) - have)
+    diverged = [k for k in missing if all(m.get("status") == "diverged" for m in runs[k])]
+    for k in diverged:
+        res.notes.append(f"{'/'.join(k)}: every run diverged before a test evaluation; not shown.")
+    missing = [k for k in missing if k not in diverged]
     if missing:
         raise ReportError(
             f"no finite {res.metric} for {', '.join('/'.join(x) for x in missing)} "
