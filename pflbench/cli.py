@@ -9,6 +9,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -21,7 +22,10 @@ out_console = Console(width=None if sys.stdout.isatty() else 200)
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    # escape: messages quote user text such as "fedavg [rounds=3]", which is not markup
+    console.print(
+        f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True
+    )
     sys.exit(2)
 
 
@@ -273,7 +277,7 @@ def run(
         for c in table.columns:
             t.add_column(str(c), justify="right")
         for (ds, m), row in table.iterrows():
-            t.add_row(ds, m, *[str(v) if isinstance(v, str) else "–" for v in row])
+            t.add_row(ds, escape(m), *[str(v) if isinstance(v, str) else "–" for v in row])
         out_console.print(t)
     console.print(
         f"{n_runs} runs ({skipped} already done) in {wall:.1f} s → {out_dir}"
@@ -461,17 +465,43 @@ def _init_options(cls: type) -> dict[str, str]:
     type=click.Path(file_okay=False, path_type=Path),
     help="Report folder (default RUN_DIR/report).",
 )
+@click.option(
+    "--select",
+    "select",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Report only runs whose configuration has KEY=VALUE (dotted keys as the refusal "
+    "message lists them, e.g. protocol.rounds=3); repeatable.",
+)
+@click.option(
+    "--split-configs",
+    is_flag=True,
+    help="Show each configuration of a method as its own row instead of refusing the folder.",
+)
 def report(
-    run_dir: Path, reference: str | None, metric: str, practical: float, out: Path | None
+    run_dir: Path,
+    reference: str | None,
+    metric: str,
+    practical: float,
+    out: Path | None,
+    select: tuple[str, ...],
+    split_configs: bool,
 ) -> None:
     """Statistics, LaTeX tables, figures, Markdown and HTML from a run folder's tidy results."""
+    from pflbench.configs import ConfigError, parse_select
     from pflbench.report import ReportError, build_report
 
     try:
         path = build_report(
-            run_dir, out=out, reference=reference, metric=metric, practical=practical
+            run_dir,
+            out=out,
+            reference=reference,
+            metric=metric,
+            practical=practical,
+            select=parse_select(select),
+            split_configs=split_configs,
         )
-    except ReportError as exc:
+    except (ReportError, ConfigError) as exc:
         _fail(str(exc))
     out_console.print(f"report written to {path}")
 

@@ -348,18 +348,7 @@ class Federation:
                     self.on_round(r, T)
             if self.rounds_done == 0:
                 cases = pd.DataFrame(
-                    columns=[
-                        "selection",
-                        "round",
-                        "client",
-                        "split",
-                        "case_id",
-                        "structure",
-                        "dice",
-                        "iou",
-                        "hd95",
-                        "assd",
-                    ]
+                    columns=["selection", "round", "client", "split", *metrics.METRIC_COLUMNS]
                 )
             else:
                 if self.status == "diverged" and not any(

@@ -19,12 +19,23 @@ Definitions (reference: data.md §5)
   the two directed means for ASSD instead of pooling. Do not mix numbers from those definitions.
 * **Empty masks (fixed convention).**
 
-  ====================  ==========  ==========
+  ====================  ==========  ==================================================
   prediction / truth    Dice, IoU   HD95, ASSD
-  ====================  ==========  ==========
+  ====================  ==========  ==================================================
   both empty            1.0         0.0
-  exactly one empty     0.0         NaN (undefined: count and report these separately)
-  ====================  ==========  ==========
+  exactly one empty     0.0         the failure value: the image (or volume) diagonal
+                                    in physical units, :func:`failure_distance`
+  ====================  ==========  ==================================================
+
+  The surface distance of an empty mask is undefined; dropping it (NaN) would reward a method
+  for predicting nothing, so such a case takes the worst distance the image allows, flagged in
+  the ``surface_failure`` column of :func:`evaluate_cases` so reports can count it. This is the
+  BraTS convention (an empty prediction of a non-empty tumour scores HD95 = 373.13 mm, the
+  diagonal of the 240×240×155 mm volume; Bakas et al., arXiv:1811.02629, and the BraTS
+  evaluation in CaPTk), and follows Metrics Reloaded's advice to give undefined boundary metrics
+  a declared worst-case value rather than excluding them (Maier-Hein, Reinke et al., Nature
+  Methods 21, 2024, arXiv:2206.01653). The diagonal is ``sqrt(Σ (n_i · s_i)²)`` over the axes
+  (n_i voxels of spacing s_i), so 373.13 for BraTS and 45.25 for a 32×32 image of 1-unit pixels.
 
 * **Cases.** A case is an image, or a volume (the slices of one case id stacked in slice order) for
   datasets made of slices; :func:`evaluate_cases` gives one row per case and structure. A client's
@@ -47,6 +58,7 @@ __all__ = [
     "structure_masks",
     "dice_iou",
     "surface_distances",
+    "failure_distance",
     "hd95",
     "assd",
     "case_metrics",
@@ -54,7 +66,15 @@ __all__ = [
     "summarize_clients",
 ]
 
-METRIC_COLUMNS: tuple[str, ...] = ("case_id", "structure", "dice", "iou", "hd95", "assd")
+METRIC_COLUMNS: tuple[str, ...] = (
+    "case_id",
+    "structure",
+    "dice",
+    "iou",
+    "hd95",
+    "assd",
+    "surface_failure",
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -201,6 +221,14 @@ def surface_distances(
     return np.concatenate([a_to_b, b_to_a]).astype(np.float64, copy=False)
 
 
+def failure_distance(shape: Sequence[int], spacing: Sequence[float] | None = None) -> float:
+    """The declared HD95/ASSD of a case where exactly one mask is empty: the diagonal of the
+    image or volume in physical units, ``sqrt(Σ (n_i · s_i)²)`` (BraTS: 373.13 for 240×240×155
+    at 1 mm), the largest distance two points of the image can have (up to one voxel)."""
+    sp = _spacing(spacing, len(shape))
+    return float(np.sqrt(sum((int(n) * s) ** 2 for n, s in zip(shape, sp, strict=True))))
+
+
 def _surface_pair(
     pred: np.ndarray, true: np.ndarray, spacing: Sequence[float] | None
 ) -> tuple[float, float]:
@@ -212,19 +240,21 @@ def _surface_pair(
         _spacing(spacing, a.ndim)  # still validate
         return 0.0, 0.0
     if pa != pb:
-        _spacing(spacing, a.ndim)
-        return float("nan"), float("nan")
+        worst = failure_distance(a.shape, spacing)
+        return worst, worst
     d = surface_distances(a, b, spacing)
     return float(np.percentile(d, 95)), float(d.mean())
 
 
 def hd95(pred: np.ndarray, true: np.ndarray, spacing: Sequence[float] | None = None) -> float:
-    """95th percentile of the pooled border distances (MedPy). Both empty → 0; one empty → NaN."""
+    """95th percentile of the pooled border distances (MedPy). Both empty → 0; exactly one
+    empty → :func:`failure_distance`."""
     return _surface_pair(pred, true, spacing)[0]
 
 
 def assd(pred: np.ndarray, true: np.ndarray, spacing: Sequence[float] | None = None) -> float:
-    """Mean of the pooled border distances (MedPy ≥ 0.5). Both empty → 0; one empty → NaN."""
+    """Mean of the pooled border distances (MedPy ≥ 0.5). Both empty → 0; exactly one empty →
+    :func:`failure_distance`."""
     return _surface_pair(pred, true, spacing)[1]
 
 
@@ -270,7 +300,11 @@ def evaluate_cases(
     case_level: Literal["image", "volume"] = "image",
     surface: bool = True,
 ) -> pd.DataFrame:
-    """One row per case and structure: columns case_id, structure, dice, iou, hd95, assd.
+    """One row per case and structure: case_id, structure, dice, iou, hd95, assd, surface_failure.
+
+    ``surface_failure`` is True where exactly one of the masks is empty and HD95/ASSD therefore
+    hold the declared failure value (:func:`failure_distance`); False otherwise (also with
+    ``surface=False``, where HD95/ASSD are NaN).
 
     ``pred_labels`` / ``true_labels`` are class maps N×H×W (any device). ``case_level="image"``:
     every image is a case, named ``f"{case_id}/{slice_index}"`` when its case id has several
@@ -323,7 +357,7 @@ def evaluate_cases(
     pred_masks = structure_masks(pred_t, structures)
     true_masks = structure_masks(true_t, structures)
     columns: dict[str, list] = {k: [] for k in METRIC_COLUMNS}
-    per_structure: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
+    per_structure: list[tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = []
     for name in structures:
         pm, tm = pred_masks[name], true_masks[name]
         counts = _overlap_counts(pm, tm)
@@ -333,6 +367,7 @@ def evaluate_cases(
                 for x in counts
             )
         dice, iou = _dice_iou_from_counts(*counts)
+        fail = ((counts[1] > 0) != (counts[2] > 0)).cpu().numpy() & surface
         hd = np.full(n_cases, np.nan)
         sd = np.full(n_cases, np.nan)
         if surface:
@@ -341,19 +376,21 @@ def evaluate_cases(
             for c, idx in enumerate(groups):
                 sel = idx[0] if case_level == "image" else idx
                 hd[c], sd[c] = _surface_pair(pm_np[sel], tm_np[sel], case_spacing)
-        per_structure.append((name, dice.cpu().numpy(), iou.cpu().numpy(), hd, sd))
+        per_structure.append((name, dice.cpu().numpy(), iou.cpu().numpy(), hd, sd, fail))
 
     for c in range(n_cases):
-        for name, dice, iou, hd, sd in per_structure:
+        for name, dice, iou, hd, sd, fail in per_structure:
             columns["case_id"].append(names[c])
             columns["structure"].append(name)
             columns["dice"].append(float(dice[c]))
             columns["iou"].append(float(iou[c]))
             columns["hd95"].append(float(hd[c]))
             columns["assd"].append(float(sd[c]))
+            columns["surface_failure"].append(bool(fail[c]))
     df = pd.DataFrame(columns, columns=list(METRIC_COLUMNS))
     for k in ("dice", "iou", "hd95", "assd"):
         df[k] = df[k].astype(np.float64)
+    df["surface_failure"] = df["surface_failure"].astype(bool)
     return df
 
 

@@ -497,6 +497,21 @@ def _render_baseline(baseline: dict[str, Any]) -> Table:
     return t
 
 
+def _check_same_suite(
+    run_dir: str | Path, baseline: dict[str, Any], baseline_path: str | Path
+) -> None:
+    """A folder sharing no dataset with the baseline is another suite's: say so in one line
+    instead of listing every row as new and every baseline row as MISSING."""
+    have = sorted({ds for ds, _ in _run_info(run_dir)})
+    want = sorted(baseline.get("datasets") or {})
+    if have and want and not set(have) & set(want):
+        raise RegressError(
+            f"{run_dir} is not a run of the baseline's suite: {baseline_path} belongs to suite "
+            f"{baseline.get('suite')!r} (datasets {', '.join(want)}), the folder has "
+            f"{', '.join(have)}; pass --baseline for this folder's suite"
+        )
+
+
 def main_regress(
     run_dir: str | Path,
     baseline_path: str | Path,
@@ -525,9 +540,10 @@ def main_regress(
         baseline = read_baseline(baseline_path)
         if not Path(run_dir).is_dir():
             raise RegressError(f"{run_dir}: no such run folder")
+        _check_same_suite(run_dir, baseline, baseline_path)
         table = compare(run_dir, baseline)
     except RegressError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line
         return 2
     console.print(
         render(

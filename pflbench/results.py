@@ -8,7 +8,7 @@ Layout of one finished run (``<out>/results/<run_key>/``)::
     comm.parquet     one row per round × client: round, client, bytes_up, bytes_down, sampled
     cases.parquet    one row per selection × client × split × case × structure
                      columns: selection ("best" | "last"), round, client, split, case_id,
-                              structure, dice, iou, hd95, assd
+                              structure, dice, iou, hd95, assd, surface_failure
     manifest.json    the run's configuration and provenance (run_key, dataset, method, params,
                      seed, label, protocol, model, data fingerprint, git, versions, threads,
                      device, timings, peak memory, budget, bytes, partition sizes of the

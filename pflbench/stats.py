@@ -469,6 +469,12 @@ class Comparison:
     pairs: pd.DataFrame
     sig_matrix: pd.DataFrame
     summary: pd.DataFrame = field(default_factory=pd.DataFrame)
+    family: str = "reference"  # "reference": Holm over k − 1 tests; "pairs": over k(k − 1)/2
+
+    @property
+    def family_size(self) -> int:
+        """How many tests the Holm correction of the vs-reference verdicts runs over."""
+        return len(self.pairs) if self.family == "pairs" else max(1, self.k - 1)
 
     @property
     def n(self) -> int:
@@ -481,7 +487,7 @@ class Comparison:
     @property
     def too_few(self) -> bool:
         """No comparison with the reference can reach significance (N alone or after Holm)."""
-        return too_few_blocks(self.n, self.alpha, family=max(1, self.k - 1))
+        return too_few_blocks(self.n, self.alpha, family=max(1, self.family_size))
 
     @property
     def omnibus_significant(self) -> bool:
@@ -500,13 +506,22 @@ def analyze(
     n_resamples: int = 9999,
     seed: int = 0,
     bayes: bool = True,
+    family: str = "reference",
 ) -> Comparison:
     """Ranks, Friedman/Iman–Davenport, Nemenyi CD, Wilcoxon–Holm vs reference and all pairs.
 
     ``reference`` defaults to "fedavg" when present, else the first column. With ``gate`` (and
     k ≥ 3) the post hoc verdicts require the Iman–Davenport test to reject. ``summary`` has one
     row per method: mean, mean rank, and the comparison with the reference.
+
+    ``family="reference"`` corrects the vs-reference tests as their own family (k − 1 tests)
+    and all pairs as another; ``family="pairs"`` uses one family, all k(k − 1)/2 pairs, for
+    everything: the vs-reference rows are then the pairs rows that contain the reference
+    (oriented method − reference), so a verdict against the reference and the CD diagram's
+    crossbars (:attr:`Comparison.sig_matrix`) always agree.
     """
+    if family not in ("reference", "pairs"):
+        raise ValueError(f"family must be 'reference' or 'pairs', got {family!r}")
     m = _check(matrix)
     methods = list(m.columns)
     if not methods:
@@ -529,9 +544,16 @@ def analyze(
         seed=seed,
         bayes=bayes,
     )
-    vs_ref = compare(m, [(a, reference) for a in methods if a != reference], **kw)
     all_pairs = [(a, b) for i, a in enumerate(methods) for b in methods[i + 1 :]]
-    pairs = compare(m, all_pairs, **{**kw, "bayes": False})
+    if family == "pairs":  # the reference always second, so its rows read "method − reference"
+        all_pairs = [(b, a) if a == reference else (a, b) for a, b in all_pairs]
+        pairs = compare(m, all_pairs, **{**kw, "bayes": False})
+        vs_ref = pairs[pairs["b"] == reference].reset_index(drop=True)
+        if bayes:
+            vs_ref = _with_bayes(vs_ref, m, higher_is_better, practical)
+    else:
+        vs_ref = compare(m, [(a, reference) for a in methods if a != reference], **kw)
+        pairs = compare(m, all_pairs, **{**kw, "bayes": False})
     sig = significance_matrix(pairs, methods)
     summary = pd.DataFrame(
         {
@@ -561,4 +583,20 @@ def analyze(
         pairs=pairs,
         sig_matrix=sig,
         summary=summary,
+        family=family,
     )
+
+
+def _with_bayes(
+    rows: pd.DataFrame, m: pd.DataFrame, higher_is_better: bool, practical: float
+) -> pd.DataFrame:
+    """The Bayesian signed-rank columns of :func:`compare` added to existing pair rows."""
+    sign = 1.0 if higher_is_better else -1.0
+    probs = [
+        bayesian_signed_rank(sign * m[a].to_numpy(), sign * m[b].to_numpy(), practical)
+        for a, b in zip(rows["a"], rows["b"], strict=True)
+    ]
+    out = rows.copy()
+    for i, col in enumerate(("p_a_better", "p_rope", "p_b_better")):
+        out[col] = [p[i] if p is not None else math.nan for p in probs]
+    return out

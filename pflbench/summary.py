@@ -11,18 +11,41 @@ from pathlib import Path
 
 import pandas as pd
 
-from pflbench.results import load_results
+from pflbench.configs import split_labels
+from pflbench.results import load_manifests, load_results
+
+
+def run_labels(out: str | Path) -> dict[str, str]:
+    """run_key → the row label of the summary: the method, "(tuned)"/"(default)" for a sweep's
+    labels, and the differing keys where one method has several configurations in the folder
+    (those are never averaged together; see :mod:`pflbench.configs`)."""
+    manifests = load_manifests(out)
+    split = split_labels(manifests)
+    labels = {}
+    for m in manifests:
+        key = str(m.get("run_key"))
+        name = split.get(key, str(m.get("method")))
+        if m.get("label") in ("tuned", "default"):  # sweeps run both: keep them apart
+            name = f"{name} ({m.get('label')})"
+        labels[key] = name
+    return labels
+
+
+def _cell(mean: float, std: float) -> str:
+    return f"{mean:.3f}" if pd.isna(std) else f"{mean:.3f} ± {std:.3f}"  # one seed: no spread
 
 
 def dice_table(out: str | Path) -> tuple[pd.DataFrame, str]:
-    """(table of strings "mean ± std" indexed by dataset/method with a site column each, split)."""
+    """(table of strings "mean ± std" indexed by dataset/method with a site column each, split).
+
+    Rows are configurations, never a mix of them: seeds of one configuration are averaged.
+    """
     cases = load_results(out, "cases")
     if cases.empty:
         return pd.DataFrame(), "test"
     split = "test" if (cases["split"] == "test").any() else "val"
     sel = cases[(cases["selection"] == "best") & (cases["split"] == split)].copy()
-    tuned = sel["label"].isin(["tuned", "default"])  # sweeps run both: keep them apart
-    sel.loc[tuned, "method"] = sel.loc[tuned, "method"] + " (" + sel.loc[tuned, "label"] + ")"
+    sel["method"] = sel["run_key"].astype(str).map(run_labels(out)).fillna(sel["method"])
     per_client = (
         sel.groupby(["dataset", "method", "seed", "client"], sort=False)["dice"]
         .mean()
@@ -34,8 +57,7 @@ def dice_table(out: str | Path) -> tuple[pd.DataFrame, str]:
     macro["client"] = "mean"
     both = pd.concat([per_client, macro], ignore_index=True)
     agg = both.groupby(["dataset", "method", "client"], sort=False)["dice"].agg(["mean", "std"])
-    agg["std"] = agg["std"].fillna(0.0)
-    cells = agg.apply(lambda r: f"{r['mean']:.3f} ± {r['std']:.3f}", axis=1).rename("dice")
+    cells = agg.apply(lambda r: _cell(r["mean"], r["std"]), axis=1).rename("dice")
     table = cells.reset_index().pivot(index=["dataset", "method"], columns="client", values="dice")
     sites = [c for c in dict.fromkeys(per_client["client"]) if c in table.columns]
     table = table[sites + ["mean"]]

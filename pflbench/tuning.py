@@ -25,7 +25,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -497,6 +497,15 @@ def final_spec(
     space = search_space(suite.tuning, ref.method) if suite.tuning is not None else {}
     protocol, mspec = configure(suite.protocol, ref.method, config, space, threads)
     assert ref.label is not None
+    # not part of the run key: what the report's configurations table cites
+    extra = (
+        {
+            "search_space": {n: asdict(d) for n, d in space.items()},
+            "tuning_budget": suite.tuning.trials,
+        }
+        if suite.tuning is not None
+        else {}
+    )
     return RunSpec(
         dataset=ref.dataset,
         method=mspec,
@@ -505,6 +514,7 @@ def final_spec(
         model=suite.model,
         label=ref.label,
         mode="final",
+        extra=extra,
     )
 
 

@@ -17,6 +17,7 @@ from pflbench.metrics import (
     case_metrics,
     dice_iou,
     evaluate_cases,
+    failure_distance,
     hd95,
     predict_labels,
     structure_masks,
@@ -201,12 +202,32 @@ def test_exactly_one_empty(which):
     p, t = (z, m) if which == "pred" else (m, z)
     out = case_metrics(p, t)
     assert out["dice"] == 0.0 and out["iou"] == 0.0
-    assert math.isnan(out["hd95"]) and math.isnan(out["assd"])
-    assert math.isnan(hd95(p, t)) and math.isnan(assd(p, t))
+    # the declared failure value: the 8×8 image's diagonal, in spacing units
+    assert out["hd95"] == out["assd"] == pytest.approx(8 * math.sqrt(2))
+    assert hd95(p, t, (0.5, 2.0)) == assd(p, t, (0.5, 2.0)) == pytest.approx(math.hypot(4, 16))
     dice, iou = dice_iou(torch.from_numpy(p)[None], torch.from_numpy(t)[None])
     assert dice.item() == 0.0 and iou.item() == 0.0
     with pytest.raises(ValueError):
         surface_distances(p, t, (1.0, 1.0))
+
+
+def test_failure_distance_known_answers():
+    # BraTS: 240×240×155 voxels of 1 mm → the 373.13 mm its evaluation gives an empty prediction
+    assert failure_distance((155, 240, 240), (1.0, 1.0, 1.0)) == pytest.approx(373.13, abs=0.005)
+    assert failure_distance((32, 32)) == pytest.approx(45.2548, abs=1e-4)
+    assert failure_distance((3, 4), (2.0, 1.5)) == pytest.approx(math.hypot(6, 6))
+    with pytest.raises(ValueError, match="spacing"):
+        failure_distance((3, 4), (1.0, 1.0, 1.0))
+
+
+def test_failure_value_is_worse_than_any_real_distance():
+    """No prediction can score worse than predicting nothing: every real HD95 is below it."""
+    rng = np.random.default_rng(0)
+    worst = failure_distance((16, 16))
+    for _ in range(50):
+        a, b = rng.random((16, 16)) < 0.05, rng.random((16, 16)) < 0.05
+        if a.any() and b.any():
+            assert hd95(a, b) < worst and assd(a, b) < worst
 
 
 def test_surface_false_gives_nan():
@@ -285,12 +306,15 @@ def _volume_example():
 def test_evaluate_cases_image_level():
     pred, true, case_ids, slice_index = _volume_example()
     df = evaluate_cases(pred, true, case_ids, slice_index, {"fg": [1]}, case_level="image")
-    assert list(df.columns) == ["case_id", "structure", "dice", "iou", "hd95", "assd"]
+    assert list(df.columns) == [
+        "case_id", "structure", "dice", "iou", "hd95", "assd", "surface_failure"
+    ]  # fmt: skip
     assert df["case_id"].tolist() == ["a/2", "a/0", "a/1", "b"]
+    assert df["surface_failure"].tolist() == [False, False, True, False]
     assert df["structure"].tolist() == ["fg"] * 4
     np.testing.assert_allclose(df["dice"], [2 / 3, 1.0, 0.0, 1.0])
     np.testing.assert_allclose(df["iou"], [0.5, 1.0, 0.0, 1.0])
-    assert math.isnan(df["hd95"].iloc[2])
+    assert df["hd95"].iloc[2] == df["assd"].iloc[2] == pytest.approx(4 * math.sqrt(2))  # 4×4
     assert df["hd95"].iloc[1] == 0.0
     # slice 2: pred top row vs 2×2 true → each row-2 border pixel of true is 1 away.
     assert df["hd95"].iloc[0] == pytest.approx(hd95(pred[0].numpy() == 1, true[0].numpy() == 1))

@@ -565,3 +565,20 @@ def test_ci_suite_learning_rate_divided_by_ten_fails_the_gate(tmp_path: Path) ->
     assert (macro["delta"] < 0).all(), macro.to_string()  # every method is worse
     assert (macro["verdict"] == "REGRESSION").any(), macro.to_string()
     assert main_regress(out, subset, console=_quiet()) == 1
+
+
+def test_a_folder_of_another_suite_is_named_in_one_line(calib_dir: Path, tmp_path: Path) -> None:
+    """`pflbench regress runs/quick` against the ci baseline: one line, not 168 new + 56 MISSING."""
+    base = calibrate(calib_dir, suite="ci")
+    path = write_baseline(base, tmp_path / "ci.json")
+    other = tmp_path / "quick"
+    fake_run(other, "fedavg", 0, {"s1": 0.5}, dataset="fundus-synth")
+    fake_run(other, "fedavg", 0, {"s1": 0.5}, dataset="prostate-synth")
+    con = _recording()
+    assert main_regress(other, path, console=con) == 2
+    lines = [ln for ln in con.export_text().splitlines() if ln.strip()]
+    assert len(lines) == 1
+    text = " ".join(ln.strip() for ln in lines)
+    assert "not a run of the baseline's suite" in text and "suite 'ci'" in text
+    assert "datasets ds" in text and "fundus-synth, prostate-synth" in text
+    assert "MISSING" not in text and "new" not in text.split("suite")[0]

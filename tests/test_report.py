@@ -225,19 +225,51 @@ def test_reads_only_tidy_results(built):
     assert not any("checkpoints" in p for p in opened)
 
 
-def test_cd_diagram_without_scikit_posthocs(monkeypatch, tmp_path):
+def test_markers_and_cd_bars_agree_on_a_planted_example(tmp_path):
+    """One family: a method is marked against the reference exactly when no crossbar joins it
+    to the reference, and every pair is joined exactly when its test is not significant."""
     from pflbench.report import figures
 
-    monkeypatch.setitem(sys.modules, "scikit_posthocs", None)  # import fails: own drawing
     rng = np.random.default_rng(0)
-    base = rng.uniform(0.6, 0.9, 12)
-    m = pd.DataFrame({"fedavg": base, "ditto": base + 0.05, "local": base - 0.001})
-    comp = stats.analyze(m, n_resamples=0, bayes=False)
-    fig, how = figures.cd_figure(comp, figures.palette(list(m.columns)))
-    assert how == "matplotlib"
-    assert figures.cliques(["ditto", "fedavg", "local"], comp.sig_matrix) == [["fedavg", "local"]]
+    base = rng.uniform(0.6, 0.9, 18)
+    noise = lambda: rng.normal(0, 0.004, 18)  # noqa: E731
+    m = pd.DataFrame(
+        {
+            "fedavg": base,
+            "ditto": base + 0.05 + noise(),
+            "fedprox": base + 0.012 + noise(),  # near the edge: Holm over 10 pairs decides
+            "local": base - 0.001 + noise(),
+            "bad": base - 0.06 + noise(),
+        }
+    )
+    comp = stats.analyze(m, "fedavg", n_resamples=0, bayes=False, family="pairs")
+    assert comp.family_size == 10 and len(comp.vs_reference) == 4
+    marks = rtables.markers_from(comp)
+    fig, bars = figures.cd_figure(comp, figures.palette(list(m.columns)))
+    assert marks["ditto"] == rtables.UP and marks["bad"] == rtables.DOWN and "local" not in marks
+    for a in m.columns.drop("fedavg"):
+        assert (a in marks) == (not figures.joined(bars, a, "fedavg")), a
+    for _, row in comp.pairs.iterrows():
+        assert row["significant"] == (not figures.joined(bars, row["a"], row["b"])), tuple(row)
+    # the vs-reference rows are the pairs rows: same p, same verdict
+    pr = comp.pairs[comp.pairs["b"] == "fedavg"].set_index("a")
+    vr = comp.vs_reference.set_index("a")
+    pd.testing.assert_series_equal(vr["p_holm"], pr.loc[vr.index, "p_holm"])
+    assert (vr["verdict"] == pr.loc[vr.index, "verdict"]).all()
     png = figures.save(fig, tmp_path, "cd")
     assert png.stat().st_size > 1000 and (tmp_path / "cd.pdf").exists()
+
+
+def test_report_markers_come_from_the_cd_diagrams_family(built):
+    _, out, _ = built
+    comp = pd.read_csv(out / "tables" / "comparison.csv").set_index("a")
+    pairs = pd.read_csv(out / "tables" / "pairs.csv")
+    ref = pairs[pairs["b"] == "fedavg"].set_index("a")
+    assert len(pairs) == 10 and set(comp.index) == set(ref.index)
+    assert (comp["significant"] == ref.loc[comp.index, "significant"]).all()
+    md = (out / "report.md").read_text(encoding="utf-8")
+    assert "Holm over all 10 pairs of the 5 methods" in md and "Nemenyi" not in md
+    assert "Drawn with scikit-posthocs" in md
 
 
 def test_golden_tables_from_fabricated_runs(built):
@@ -329,25 +361,65 @@ def _check_golden(name: str, text: str) -> None:
     assert text == path.read_text(encoding="utf-8"), f"{name}.tex differs from {path}"
 
 
-@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed")
-def test_tables_compile_with_pdflatex(built, tmp_path):
-    _, out, _ = built
-    for p in (out / "tables").glob("*.tex"):
-        shutil.copy(p, tmp_path / p.name)
-    for p in GOLDEN.glob("*.tex"):
-        shutil.copy(p, tmp_path / f"golden_{p.name}")
-    files = sorted(p for p in tmp_path.glob("*.tex") if p.name != "all_tables.tex")
-    (tmp_path / "doc.tex").write_text(rlatex.document(files))
+def _pdflatex(folder: Path, doc: str) -> str:
+    """Compile ``doc`` in ``folder``; returns the log (the test fails on a LaTeX error)."""
     proc = subprocess.run(
-        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
-        cwd=tmp_path,
+        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc],
+        cwd=folder,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert (tmp_path / "doc.pdf").stat().st_size > 1000
-    assert "Missing character" not in (tmp_path / "doc.log").read_text(errors="replace")
+    assert (folder / doc).with_suffix(".pdf").stat().st_size > 1000
+    return (folder / doc).with_suffix(".log").read_text(errors="replace")
+
+
+def overfull(log: str, tolerance: float = 1.0) -> list[float]:
+    """Overfull hbox/vbox amounts (pt) above ``tolerance`` in a LaTeX log."""
+    found = re.findall(r"Overfull \\[hv]box \((\d+(?:\.\d+)?)pt too (?:wide|high)", log)
+    return [float(x) for x in found if float(x) > tolerance]
+
+
+def test_overfull_counts_boxes_above_the_tolerance():
+    log = (
+        "Overfull \\hbox (39.7pt too wide) in alignment at lines 5--20\n"
+        "Overfull \\hbox (0.4pt too wide) in paragraph\nOverfull \\vbox (589.0pt too high) has"
+    )
+    assert overfull(log) == [39.7, 589.0]
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed")
+def test_golden_tables_compile_with_pdflatex(tmp_path):
+    for p in GOLDEN.glob("*.tex"):
+        shutil.copy(p, tmp_path / f"golden_{p.name}")
+    files = sorted(tmp_path.glob("golden_*.tex"))
+    (tmp_path / "doc.tex").write_text(rlatex.document(files))
+    assert "Missing character" not in _pdflatex(tmp_path, "doc.tex")
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory) -> Path:
+    """Nine methods (36 pairs: the pairs table is split into parts) on 7 sites."""
+    run_dir = tmp_path_factory.mktemp("wide")
+    effects = {f"method_{i}": 0.01 * i for i in range(8)} | {"fedavg": 0.0}
+    fabricate(run_dir, datasets={"prostate_x": 7}, effects=effects, seeds=(0, 1), rounds=2,
+              cases=2, tuned=())  # fmt: skip
+    return build_report(run_dir)
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None, reason="pdflatex not installed")
+@pytest.mark.parametrize("doc", ["all_tables.tex", "all_tables_twocolumn.tex"])
+@pytest.mark.parametrize("which", ["built", "wide"])
+def test_all_tables_fit_one_and_two_column_articles(request, tmp_path, doc, which):
+    out = request.getfixturevalue(which)
+    out = out[1] if which == "built" else out
+    shutil.copytree(out / "tables", tmp_path / "t")
+    log = _pdflatex(tmp_path / "t", doc)
+    assert overfull(log) == [], f"overfull boxes above 1 pt in {doc}"
+    assert "Float too large" not in log and "Missing character" not in log
+    if which == "wide":
+        assert "(part 2 of 2)" in (tmp_path / "t" / "pairs.tex").read_text()
 
 
 def test_lower_is_better_metric_and_small_n(tmp_path):

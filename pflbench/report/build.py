@@ -16,7 +16,7 @@ from typing import Any
 
 import pandas as pd
 
-from pflbench import stats
+from pflbench import configs, stats
 
 from . import data, figures, html, latex, markdown, tables
 from .data import ReportError, Results
@@ -91,7 +91,12 @@ def _analyze(matrix: pd.DataFrame, reference: str, res: Results, practical: floa
     if matrix.shape[1] < 2 or matrix.shape[0] < 1 or reference not in matrix.columns:
         return None
     return stats.analyze(
-        matrix, reference, higher_is_better=res.higher_is_better, practical=practical, **kw
+        matrix,
+        reference,
+        higher_is_better=res.higher_is_better,
+        practical=practical,
+        family="pairs",  # one family: markers, verdicts and CD crossbars come from the same tests
+        **kw,
     )
 
 
@@ -116,7 +121,7 @@ def _omnibus_text(comp: stats.Comparison, what: str) -> str:
     head = f"{what}: N = {comp.n} blocks, k = {comp.k} methods."
     if comp.too_few:
         return (
-            f"{head} {stats.TOO_FEW.capitalize()}: {tables.too_few_text(comp.n, comp.k, comp.alpha)}, so no "
+            f"{head} {stats.TOO_FEW.capitalize()}: {tables.too_few_text(comp.n, comp.family_size, comp.alpha)}, so no "
             "p-values are reported; the numbers are descriptive only."
         )
     if not fr.available:
@@ -130,7 +135,7 @@ def _omnibus_text(comp: stats.Comparison, what: str) -> str:
             if fr.significant(comp.alpha)
             else f"{stats.NO_EVIDENCE} between the methods (post hoc verdicts are gated on it)."
         )
-        + f" Nemenyi reference: q₀.₀₅ = {comp.nemenyi_q:.3f}, CD = {comp.nemenyi_cd:.2f}."
+        + f" Post hoc: {tables.family_text(comp)}."
     )
 
 
@@ -156,9 +161,16 @@ def _appendix(res: Results, notes: list[str]) -> list[Block]:
         rows.append((f"{d}: protocol", _distinct(g["protocol"])))
         rows.append((f"{d}: model", _distinct(g["model"])))
         rows.append((f"{d}: data fingerprint", _distinct(g["data_fingerprint"])))
-        for col, what in (("protocol", "protocols"), ("data_fingerprint", "data fingerprints")):
-            if g[col].nunique() > 1:
-                notes.append(f"{d}: the runs have different {what}; check the comparison is fair.")
+        diff = configs.protocol_differences([m for m in res.manifests if m.get("dataset") == d])
+        if diff:
+            notes.append(
+                f"{d}: the methods' runs have different protocols ({configs.describe(diff)}); "
+                "check the comparison is fair."
+            )
+        if g["data_fingerprint"].nunique() > 1:
+            notes.append(
+                f"{d}: the runs have different data fingerprints; check the comparison is fair."
+            )
     versions: dict[str, list[str]] = {}
     for m in res.manifests:
         for k, v in (m.get("versions") or {}).items():
@@ -175,11 +187,17 @@ def _appendix(res: Results, notes: list[str]) -> list[Block]:
         ("peak memory (max)", f"{pd.to_numeric(mf['peak_memory_mb'], errors='coerce').max():.0f} MB"),
     ]  # fmt: skip
     blocks.append(Block("kv", rows))
-    cfg = []
-    for (d, m, lab), g in mf.groupby(["dataset", "method", "label"]):
-        cfg.append((f"{d} / {m} / {lab}", f"params {_distinct(g['params'])}; budget "
-                    f"{_distinct(g['budget'])}; seeds {', '.join(map(str, sorted(g['seed'])))}"))  # fmt: skip
-    blocks += [Block("h3", "Configurations"), Block("kv", cfg, ("Run group", "Configuration"))]
+    seeds = [
+        (
+            f"{d} / {m} / {lab}",
+            f"seeds {', '.join(map(str, sorted(g['seed'])))}; work {_distinct(g['budget'])}",
+        )
+        for (d, m, lab), g in mf.groupby(["dataset", "method", "label"])
+    ]
+    blocks += [
+        Block("h3", "Seeds and local work per run group"),
+        Block("kv", seeds, ("Run group", "Seeds and work (the engine's budget record)")),
+    ]
     per = (
         mf.assign(
             total_s=pd.to_numeric(mf["total_s"], errors="coerce"),
@@ -199,25 +217,47 @@ def _appendix(res: Results, notes: list[str]) -> list[Block]:
 # --------------------------------------------------------------------------- entry point
 
 
+def _default_reference(methods: list[str], notes: list[str]) -> str:
+    """fedavg when present; never a silent switch to another method when it is not."""
+    if "fedavg" in methods:
+        return "fedavg"
+    variants = [m for m in methods if m.startswith("fedavg [")]
+    if variants:
+        raise ReportError(
+            f"fedavg has several configurations here ({', '.join(variants)}); name the "
+            f"reference, e.g. --reference '{variants[-1]}'"
+        )
+    notes.append(
+        f"fedavg is not among the methods, so the reference is {methods[0]} (the first in "
+        "alphabetical order); pass --reference to choose another."
+    )
+    return methods[0]
+
+
 def build_report(
     run_dir: str | Path,
     out: str | Path | None = None,
     reference: str | None = None,
     metric: str = "dice",
     practical: float = stats.PRACTICAL,
+    select: dict[str, str] | None = None,
+    split_configs: bool = False,
 ) -> Path:
     """Build the report of every finished run under ``run_dir``; returns the report folder.
 
     ``out`` defaults to ``run_dir / "report"`` (replaced on each build). ``reference`` defaults to
     "fedavg" when present, else the first method. ``metric`` is one of dice, iou, hd95, assd
     (hd95/assd: lower is better; pass a ``practical`` threshold in their units, e.g. mm).
+    ``select`` (``{"protocol.rounds": "3"}``) keeps the runs of matching configurations and
+    ``split_configs`` shows each configuration of a method as its own row; without either, a
+    method with several configurations in the folder is refused (:mod:`pflbench.configs`).
     """
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "report"
-    res = data.load(run_dir, metric)
+    res = data.load(run_dir, metric, select=select, split_configs=split_configs)
     all_methods = res.methods()
     if reference is None:
-        reference = "fedavg" if "fedavg" in all_methods else all_methods[0]
+        reference = _default_reference(all_methods, res.notes)
     elif reference not in all_methods:
         raise ReportError(f"reference {reference!r} is not one of the methods {all_methods}")
     methods = res.methods(reference)
@@ -253,54 +293,72 @@ def build_report(
     pairs_t = tables.pairs_table(overall, res) if overall is not None and overall.k > 2 else None
     perds_t = tables.per_dataset_table(per_dataset, res, reference)
     tvd_t = tables.tuned_default_table(res, practical)
+    conf_t = tables.configurations_table(res)
     all_tables = [
-        t for t in [main, *ds_tables, *st_tables, comp_t, pairs_t, perds_t, tvd_t]
+        t for t in [main, *ds_tables, *st_tables, comp_t, pairs_t, perds_t, tvd_t, conf_t]
         if t is not None and not t.cells.empty
     ]  # fmt: skip
     tex_files = latex.write_tables(all_tables, out / "tables")
     (out / "tables" / "all_tables.tex").write_text(latex.document(tex_files), encoding="utf-8")
+    (out / "tables" / "all_tables_twocolumn.tex").write_text(
+        latex.document(tex_files, "twocolumn"), encoding="utf-8"
+    )
     matrix.reset_index().to_csv(out / "tables" / "blocks.csv", index=False)
     if overall is not None:
         overall.vs_reference.to_csv(out / "tables" / "comparison.csv", index=False)
         overall.pairs.to_csv(out / "tables" / "pairs.csv", index=False)
 
     # ------------------------------------------------------------------ figures
-    colors = figures.palette(methods)
+    st = figures.styles(methods, reference)
     figs: dict[str, tuple[Path, str]] = {}
-    cd_how = None
+    fig_dir = out / "figures"
+
+    def draw(key: str, name: str, caption: str, make) -> None:
+        """Full text width in figures/, one column of a two-column paper in figures/column/."""
+        fig = make(figures.FULL_IN)
+        if fig is None:
+            return
+        figs[key] = (figures.save(fig, fig_dir, name), caption)
+        figures.save(make(figures.COLUMN_IN), fig_dir / "column", name)
+
+    emphasis = f" {reference} (the reference) is drawn in black."
     if overall is not None and overall.k >= 2 and overall.n >= 2:
-        fig, cd_how = figures.cd_figure(overall, colors)
-        figs["cd"] = (
-            figures.save(fig, out / "figures", "cd_diagram"),
+        draw(
+            "cd",
+            "cd_diagram",
             f"Critical-difference diagram: mean rank of each method over N = {overall.n} blocks "
             f"(dataset, client), k = {overall.k}, test {res.metric_label} (1 = best). Crossbars "
-            f"join methods without a significant difference (Wilcoxon signed-rank, Holm-adjusted "
-            f"p < {overall.alpha:g} and |Δ| > {practical:g}); the CD bar is the Nemenyi critical "
-            f"difference (α = 0.05, CD = {overall.nemenyi_cd:.2f}) for reference only.",
+            f"join methods without a significant difference in the same tests as the table "
+            f"markers and the text: two-sided Wilcoxon signed-rank, {tables.family_text(overall)}"
+            f", adjusted p < {overall.alpha:g} and |Δ| > {practical:g}, gated on the "
+            "Iman–Davenport test. Drawn with scikit-posthocs' critical_difference_diagram.",
+            lambda w: figures.cd_figure(overall, st, w)[0],
         )
     conv, conv_metric = data.convergence(res)
-    fig = figures.convergence_figure(conv, methods, colors, data.metric_info(conv_metric)[2])
-    if fig is not None:
-        figs["convergence"] = (
-            figures.save(fig, out / "figures", "convergence"),
-            f"Validation {data.metric_info(conv_metric)[2]} (client-macro, mean over structures) "
-            "against the round: mean over seeds with a 95% t confidence interval over seeds.",
-        )
+    conv_label = data.metric_info(conv_metric)[2]
+    draw(
+        "convergence",
+        "convergence",
+        f"Validation {conv_label} against the round: for each seed the client-macro mean (each "
+        "site equal, mean over structures), then the mean over seeds with a 95% t confidence "
+        f"interval over seeds, clipped to [0, 1].{emphasis}",
+        lambda w: figures.convergence_figure(conv, methods, st, conv_label, w),
+    )
     blocks_long = matrix.stack().rename("value").reset_index().rename(columns={"level_2": "method"})
     blocks_long.columns = ["dataset", "client", "method", "value"]
-    fig = figures.distribution_figure(blocks_long, methods, colors, res.metric_label)
-    if fig is not None:
-        figs["distributions"] = (
-            figures.save(fig, out / "figures", "client_distributions"),
-            f"Per-client test {res.metric_label} ({tables.direction(hib)}): one point per client "
-            "(mean over seeds), box = quartiles over the clients of a dataset.",
-        )
-    fig = figures.heatmap_figure(matrix, res.metric_label, hib)
-    if fig is not None:
-        figs["heatmap"] = (
-            figures.save(fig, out / "figures", "heatmap"),
-            f"Method × site test {res.metric_label} (mean over seeds).",
-        )
+    draw(
+        "distributions",
+        "client_distributions",
+        f"Per-client test {res.metric_label} ({tables.direction(hib)}): one point per client "
+        "(mean over seeds), box = quartiles over the clients of a dataset.",
+        lambda w: figures.distribution_figure(blocks_long, methods, st, res.metric_label, w),
+    )
+    draw(
+        "heatmap",
+        "heatmap",
+        f"Method × site test {res.metric_label} (mean over seeds).",
+        lambda w: figures.heatmap_figure(matrix, res.metric_label, hib, w),
+    )
     agg = data.client_aggregates(scores, hib)
     macro = agg.groupby(["dataset", "method"]).agg(
         mean=("macro", "mean"), std=("macro", "std"), worst=("worst", "mean")
@@ -309,22 +367,22 @@ def build_report(
     if not comm.empty:
         by = comm.groupby(["dataset", "method"])["bytes"].mean()
         bdf = macro.join(by, how="inner").reset_index()
-        fig = figures.bytes_figure(bdf, methods, colors, res.metric_label)
-        if fig is not None:
-            figs["bytes"] = (
-                figures.save(fig, out / "figures", "accuracy_vs_bytes"),
-                f"Client-macro test {res.metric_label} against the total bytes communicated per "
-                "run (uploads + downloads over all rounds and clients), mean over seeds; error "
-                "bars: standard deviation over seeds.",
-            )
-    fdf = macro.reset_index().rename(columns={"mean": "macro"})
-    fig = figures.fairness_figure(fdf, methods, colors, res.metric_label, hib)
-    if fig is not None:
-        figs["fairness"] = (
-            figures.save(fig, out / "figures", "fairness"),
-            f"Fairness: worst-client against client-macro test {res.metric_label} per dataset "
-            "and method (mean over seeds); the dashed line is worst = mean.",
+        draw(
+            "bytes",
+            "accuracy_vs_bytes",
+            f"Client-macro test {res.metric_label} against the megabytes communicated per run "
+            "(uploads + downloads over all rounds and clients; log scale, methods that send "
+            "nothing at 0), mean over seeds; error bars: standard deviation over seeds." + emphasis,
+            lambda w: figures.bytes_figure(bdf, methods, st, res.metric_label, w),
         )
+    fdf = macro.reset_index().rename(columns={"mean": "macro"})
+    draw(
+        "fairness",
+        "fairness",
+        f"Fairness: worst-client against client-macro test {res.metric_label} per dataset "
+        "and method (mean over seeds); the dashed line is worst = mean." + emphasis,
+        lambda w: figures.fairness_figure(fdf, methods, st, res.metric_label, hib, w),
+    )
 
     # ------------------------------------------------------------------ document
     seeds = res.seeds()
@@ -383,6 +441,8 @@ def build_report(
             doc.append(Block("figure", figs[key]))
     if tvd_t is not None:
         doc += [Block("h2", "Tuned vs default configuration"), Block("table", tvd_t)]
+    if conf_t is not None:
+        doc += [Block("h2", "Configurations"), Block("table", conf_t)]
     appendix = _appendix(res, notes)
     if notes:
         doc += [Block("h2", "Notes")] + [Block("note", n) for n in notes]
@@ -390,9 +450,9 @@ def build_report(
     doc.append(
         Block(
             "p",
-            "Files: `tables/*.tex` (booktabs; `tables/all_tables.tex` compiles them), "
-            "`figures/*.pdf|png`, `tables/*.csv` (blocks and test results). CD diagram drawn "
-            f"with {cd_how or 'n/a'}.",
+            "Files: `tables/*.tex` (booktabs; `tables/all_tables.tex` and "
+            "`tables/all_tables_twocolumn.tex` compile them in a one- and a two-column article), "
+            "`figures/*.pdf|png`, `tables/*.csv` (blocks and test results).",
         )
     )
     (out / "report.md").write_text(render_markdown(doc), encoding="utf-8")

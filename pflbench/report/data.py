@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pflbench import configs
 from pflbench.results import load_manifests, load_results
 
 METRICS = {
@@ -25,6 +26,7 @@ METRICS = {
     "hd95": (False, 2, "HD95"),
     "assd": (False, 2, "ASSD"),
 }
+SURFACE = ("hd95", "assd")  # surface distances: an empty prediction takes the failure value
 LABEL_PRIORITY = ("tuned", "fixed", "default")  # the headline label of a (dataset, method)
 RUN = ["dataset", "method", "label", "seed"]
 
@@ -55,6 +57,12 @@ class Results:
     client_scores: pd.DataFrame = field(default_factory=pd.DataFrame)  # all labels
     structure_scores: pd.DataFrame = field(default_factory=pd.DataFrame)  # all labels
     headline_label: dict[tuple[str, str], str] = field(default_factory=dict)
+    failures: pd.DataFrame = field(default_factory=pd.DataFrame)  # all labels
+
+    @property
+    def surface(self) -> bool:
+        """The metric is a surface distance (its tables count the failure values)."""
+        return self.metric in SURFACE
 
     @property
     def higher_is_better(self) -> bool:
@@ -108,8 +116,18 @@ class Results:
         return s[s["label"].to_numpy(dtype=object) == want]
 
 
-def load(run_dir: str | Path, metric: str = "dice") -> Results:
-    """Read the tidy tables of the finished runs under ``run_dir`` and compute client scores."""
+def load(
+    run_dir: str | Path,
+    metric: str = "dice",
+    select: dict[str, str] | None = None,
+    split_configs: bool = False,
+) -> Results:
+    """Read the tidy tables of the finished runs under ``run_dir`` and compute client scores.
+
+    Runs are grouped by their configuration (:mod:`pflbench.configs`): a (dataset, method,
+    label) with several configurations is refused unless ``select`` keeps one or
+    ``split_configs`` shows each as its own method row.
+    """
     metric_info(metric)
     cases = load_results(run_dir, "cases")
     if cases.empty or "selection" not in cases.columns:
@@ -121,16 +139,69 @@ def load(run_dir: str | Path, metric: str = "dice") -> Results:
         manifests=load_manifests(run_dir),
         metric=metric,
     )
-    if metric not in cases.columns:
+    _apply_configs(res, run_dir, select or {}, split_configs)
+    if metric not in res.cases.columns:
         raise ReportError(f"the cases table has no {metric!r} column")
-    res.client_scores, res.structure_scores = client_scores(cases, metric, res.notes)
+    res.client_scores, res.structure_scores = client_scores(res.cases, metric, res.notes)
+    res.failures = failure_counts(res.cases)
     if res.client_scores.empty:
         raise ReportError("no test cases of the selected (best) checkpoint in the results")
+    _check_every_method_scored(res)
     labels = res.client_scores.groupby(["dataset", "method"])["label"].agg(set)
     for key, labs in labels.items():
         pick = next((lab for lab in LABEL_PRIORITY if lab in labs), sorted(map(str, labs))[0])
         res.headline_label[key] = pick
     return res
+
+
+def _apply_configs(res: Results, run_dir: str | Path, select: dict[str, str], split: bool) -> None:
+    """Keep the selected runs, then refuse (or split into rows) mixed configurations."""
+    try:
+        kept = configs.select_runs(res.manifests, select)
+        if not kept:
+            raise ReportError(f"--select {select} matches no finished run under {run_dir}")
+        rename = configs.split_labels(kept) if split else {}
+        if not split:
+            configs.check_configs(kept, str(Path(run_dir) / "results"))
+    except configs.ConfigError as exc:
+        raise ReportError(str(exc)) from None
+    keys = {str(m.get("run_key")) for m in kept}
+    if len(kept) < len(res.manifests):
+        res.notes.append(
+            f"--select {' '.join(f'{k}={v}' for k, v in select.items())}: "
+            f"{len(kept)} of {len(res.manifests)} finished runs are reported."
+        )
+    res.manifests = [
+        {**m, "method": rename.get(str(m.get("run_key")), m.get("method"))} for m in kept
+    ]
+    for name in ("cases", "rounds", "comm"):
+        df = getattr(res, name)
+        if df.empty or "run_key" not in df.columns:
+            continue
+        df = df[df["run_key"].astype(str).isin(keys)].copy()
+        if rename:
+            new = df["run_key"].astype(str).map(rename)
+            df["method"] = new.fillna(df["method"])
+        setattr(res, name, df)
+
+
+def _check_every_method_scored(res: Results) -> None:
+    """A method whose runs give no number for the metric is an error, never a silent drop
+    (unless every one of its runs diverged before a test evaluation: then a note says so)."""
+    have = set(map(tuple, res.client_scores[["dataset", "method"]].drop_duplicates().to_numpy()))
+    runs: dict[tuple[str, str], list[dict]] = {}
+    for m in res.manifests:
+        runs.setdefault((str(m.get("dataset")), str(m.get("method"))), []).append(m)
+    missing = sorted(set(runs) - have)
+    diverged = [k for k in missing if all(m.get("status") == "diverged" for m in runs[k])]
+    for k in diverged:
+        res.notes.append(f"{'/'.join(k)}: every run diverged before a test evaluation; not shown.")
+    missing = [k for k in missing if k not in diverged]
+    if missing:
+        raise ReportError(
+            f"no finite {res.metric} for {', '.join('/'.join(x) for x in missing)} "
+            "(were surface metrics computed? protocol.surface_metrics: false skips HD95/ASSD)"
+        )
 
 
 def client_scores(
@@ -139,19 +210,30 @@ def client_scores(
     """Client score per (dataset, method, label, seed, client): headline and per structure.
 
     Headline: mean over the client's test cases of the per-case mean over structures.
-    Per structure: mean over the client's test cases of that structure. Non-finite values (an
-    empty prediction's HD95) are left out of the means and counted in ``notes``.
+    Per structure: mean over the client's test cases of that structure. A surface distance is
+    never dropped: an empty prediction has the declared failure value
+    (:func:`pflbench.metrics.failure_distance`), and a NaN HD95/ASSD (not computed, or results
+    from before the failure value existed) is an error rather than a silently shorter mean.
     """
-    c = cases[(cases["selection"] == "best") & (cases["split"] == "test")].copy()
-    structs = set(c["structure"].unique())
-    if "mean" in structs and len(structs) > 1:  # never average a precomputed mean twice
-        c = c[c["structure"] != "mean"]
+    c = _test_cases(cases)
     v = pd.to_numeric(c[metric], errors="coerce").astype(float)
     bad = int((~np.isfinite(v)).sum())
+    if bad and metric in SURFACE:
+        if bad == len(v):
+            raise ReportError(
+                f"{metric} was not computed for these runs (protocol.surface_metrics: false); "
+                "report dice or iou, or rerun with surface metrics on"
+            )
+        runs = sorted(c.loc[~np.isfinite(v), "run_key"].astype(str).unique())
+        raise ReportError(
+            f"{bad} of {len(v)} case × structure values of {metric} are NaN in {len(runs)} "
+            f"run(s) (e.g. {runs[0]}): results from before empty predictions got the declared "
+            "failure value; rerun them (pflbench run --force) to report surface distances"
+        )
     if bad and notes is not None:
         notes.append(
-            f"{bad} of {len(v)} case × structure values of {metric} are not finite "
-            "(e.g. an empty prediction) and are left out of the means."
+            f"{bad} of {len(v)} case × structure values of {metric} are not finite and are "
+            "left out of the means."
         )
     c["value"] = v.where(np.isfinite(v))
     c["client"] = c["client"].astype(str)
@@ -162,6 +244,28 @@ def client_scores(
         c.groupby(keys + ["structure"], dropna=False)["value"].mean().rename("value").reset_index()
     )
     return headline.dropna(subset=["value"]), per_struct.dropna(subset=["value"])
+
+
+def _test_cases(cases: pd.DataFrame) -> pd.DataFrame:
+    """Test cases of the selected checkpoint, one row per real structure."""
+    c = cases[(cases["selection"] == "best") & (cases["split"] == "test")].copy()
+    structs = set(c["structure"].unique())
+    if "mean" in structs and len(structs) > 1:  # never average a precomputed mean twice
+        c = c[c["structure"] != "mean"]
+    return c
+
+
+def failure_counts(cases: pd.DataFrame) -> pd.DataFrame:
+    """Per run and client: case × structure values that took the surface failure value
+    (``failures``) out of all of them (``values``), from the ``surface_failure`` column."""
+    c = _test_cases(cases)
+    flag = (
+        c["surface_failure"].fillna(False).astype(bool)
+        if "surface_failure" in c.columns
+        else pd.Series(False, index=c.index)
+    )
+    c = c.assign(failures=flag.astype(int), values=1, client=c["client"].astype(str))
+    return c.groupby(RUN + ["client"], dropna=False)[["failures", "values"]].sum().reset_index()
 
 
 # ------------------------------------------------------------------------------- aggregations

@@ -10,22 +10,61 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib as mpl
 import numpy as np
 import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullLocator
 from scipy import stats as sps
 
 from pflbench import stats
 
-DPI = 130
+DPI = 200
+#: Paper widths (inches): one column of a two-column article, and the full text width.
+COLUMN_IN, FULL_IN = 3.5, 7.0
+#: Okabe–Ito colours (colour-blind safe) without black, which marks the reference method.
+COLOURS = ("#E69F00", "#56B4E9", "#009E73", "#D55E00", "#0072B2", "#CC79A7", "#999999", "#F0E442")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINES = ("-", "--", ":", "-.")
 
 
-def palette(methods: list[str]) -> dict[str, tuple]:
-    cmap = mpl.colormaps["tab10" if len(methods) <= 10 else "tab20"]
-    return {m: cmap(i % cmap.N) for i, m in enumerate(methods)}
+def styles(methods: list[str], reference: str | None = None) -> dict[str, dict]:
+    """A style per method: colour × marker × line style, so up to 8 × 4 = 32 methods stay
+    distinguishable in print and in grey; the reference is black, thicker and drawn on top."""
+    out: dict[str, dict] = {}
+    i = 0
+    for m in methods:
+        if m == reference:
+            out[m] = {"color": "black", "marker": "o", "ls": "-", "lw": 2.2, "zorder": 5}
+            continue
+        out[m] = {
+            "color": COLOURS[i % len(COLOURS)],
+            "marker": MARKERS[(i // len(COLOURS) + i) % len(MARKERS)],
+            "ls": LINES[(i // len(COLOURS)) % len(LINES)],
+            "lw": 1.2,
+            "zorder": 3,
+        }
+        i += 1
+    return out
+
+
+def palette(methods: list[str], reference: str | None = None) -> dict[str, dict]:
+    """Alias of :func:`styles` (the figures take a style per method)."""
+    return styles(methods, reference)
+
+
+def _legend(fig: Figure, methods: list[str], st: dict[str, dict], line: bool = True) -> None:
+    """One legend for the figure, below the axes (outside the data)."""
+    handles = [
+        Line2D([], [], color=st[m]["color"], marker=st[m]["marker"], markersize=4,
+               ls=st[m]["ls"] if line else "", lw=st[m]["lw"], label=m)
+        for m in methods if m in st
+    ]  # fmt: skip
+    width = fig.get_size_inches()[0]
+    ncol = max(1, min(len(handles), int(width / 1.15)))
+    fig.legend(handles=handles, loc="outside lower center", ncol=ncol, fontsize=6.5,
+               frameon=False, handlelength=2.2, columnspacing=1.0)  # fmt: skip
 
 
 def save(fig: Figure, folder: Path, name: str) -> Path:
@@ -43,113 +82,88 @@ def new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _grid(n: int, width: float = 4.6, height: float = 3.4, ncols: int = 3):
+def _grid(n: int, width: float, panel_h: float, ncols: int):
+    """``n`` panels in ``ncols`` columns at ``width`` inches in all."""
     ncols = max(1, min(ncols, n))
     nrows = int(np.ceil(n / ncols))
-    fig = new_figure(width * ncols, height * nrows)
+    fig = new_figure(width, panel_h * nrows + 0.6)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, list(axes.flat[:n])
 
 
+def _small(ax) -> None:
+    ax.tick_params(labelsize=6.5)
+    ax.xaxis.label.set_size(7)
+    ax.yaxis.label.set_size(7)
+    ax.title.set_size(7.5)
+    ax.grid(alpha=0.3, lw=0.5)
+
+
 # ------------------------------------------------------------------------------ CD diagram
 
 
-def cliques(order: list[str], sig: pd.DataFrame) -> list[list[str]]:
-    """Maximal runs of rank-ordered methods with no significant pair inside (for crossbars)."""
-    out: list[list[str]] = []
-    for i in range(len(order)):
-        j = i
-        while j + 1 < len(order) and all(
-            sig.loc[order[a], order[j + 1]] >= stats.ALPHA for a in range(i, j + 1)
-        ):
-            j += 1
-        group = order[i : j + 1]
-        if len(group) > 1 and not any(set(group) <= set(g) for g in out):
-            out.append(group)
-    return out
+def cd_figure(
+    comp: stats.Comparison, st: dict[str, dict], width: float = FULL_IN
+) -> tuple[Figure, list[set[str]]]:
+    """Mean ranks with crossbars from :attr:`~pflbench.stats.Comparison.sig_matrix`, drawn by
+    ``scikit_posthocs.critical_difference_diagram`` (a dependency: one drawing everywhere).
 
-
-def _cd_fallback(ax, mean_rank: pd.Series, sig: pd.DataFrame, cd: float, colors: dict) -> None:
-    """A Demšar-style critical-difference diagram drawn with matplotlib only."""
-    r = mean_rank.sort_values()
-    k = len(r)
-    order = list(r.index)
-    lo, hi = 1, max(k, 2)
-    ax.hlines(0, lo, hi, color="k", lw=1)
-    for t in range(lo, hi + 1):
-        ax.vlines(t, 0, 0.12, color="k", lw=1)
-        ax.text(t, 0.2, str(t), ha="center", va="bottom", fontsize=9)
-    bars = cliques(order, sig)
-    for level, g in enumerate(bars):
-        y = -0.25 * (level + 1)
-        ax.hlines(y, r[g[0]] - 0.03, r[g[-1]] + 0.03, color="k", lw=3)
-    base = -0.25 * (len(bars) + 1)
-    left, right = order[: (k + 1) // 2], order[(k + 1) // 2 :]
-    for i, m in enumerate(left):
-        y = base - 0.3 * i
-        ax.plot([r[m], r[m], lo - 0.1], [0, y, y], color=colors.get(m, "k"), lw=1)
-        ax.text(lo - 0.15, y, f"{m} ({r[m]:.2f})", ha="right", va="center", fontsize=9)
-    for i, m in enumerate(reversed(right)):
-        y = base - 0.3 * i
-        ax.plot([r[m], r[m], hi + 0.1], [0, y, y], color=colors.get(m, "k"), lw=1)
-        ax.text(hi + 0.15, y, f"({r[m]:.2f}) {m}", ha="left", va="center", fontsize=9)
-    if np.isfinite(cd):
-        ax.hlines(0.55, lo, lo + cd, color="tab:red", lw=2)
-        ax.text(lo + cd / 2, 0.62, f"CD = {cd:.2f}", ha="center", va="bottom", fontsize=9)
-    ax.set_xlim(lo - 1.6, hi + 1.6)
-    ax.set_ylim(base - 0.3 * max(len(left), len(right)), 0.9)
-    ax.axis("off")
-
-
-def cd_figure(comp: stats.Comparison, colors: dict, title: str = "") -> tuple[Figure, str]:
-    """Mean ranks with crossbars from the Wilcoxon–Holm verdicts and the Nemenyi CD bar.
-
-    Returns the figure and which implementation drew it ("scikit-posthocs" or "matplotlib").
+    The crossbars join methods with no significant pairwise difference in the same Wilcoxon
+    tests and Holm family as the table markers and the text; no Nemenyi bar is drawn (it is a
+    different test and would tell another story). Returns the figure and the crossbars as drawn
+    (sets of methods), so the caption and the tests can check them against the markers.
     """
+    import scikit_posthocs as sp  # noqa: PLC0415 - heavy import, only when drawing
+
     mean_rank = comp.friedman.mean_ranks.astype(float)
     k = len(mean_rank)
-    fig = new_figure(max(6.0, 1.1 * k + 3), 1.6 + 0.32 * k)
+    fig = new_figure(width, 0.7 + 0.16 * k)
     ax = fig.subplots()
-    how = "matplotlib"
-    try:
-        import scikit_posthocs as sp  # noqa: PLC0415 - optional
-
-        sp.critical_difference_diagram(
-            mean_rank,
-            comp.sig_matrix,
-            ax=ax,
-            cd=comp.nemenyi_cd if np.isfinite(comp.nemenyi_cd) else None,
-            alpha=comp.alpha,
-            color_palette={m: colors[m] for m in mean_rank.index},
-            label_fmt_left="{label} ({rank:.2f})",
-            label_fmt_right="({rank:.2f}) {label}",
-        )
-        how = "scikit-posthocs"
-    except Exception:  # noqa: BLE001 - not installed or an API change: draw it ourselves
-        ax.clear()
-        _cd_fallback(ax, mean_rank, comp.sig_matrix, comp.nemenyi_cd, colors)
-    ax.set_title(
-        title
-        or f"Mean ranks over N = {comp.n} blocks (1 = best); bars join methods without a "
-        f"significant difference",
-        fontsize=10,
+    artists = sp.critical_difference_diagram(
+        mean_rank,
+        comp.sig_matrix,
+        ax=ax,
+        alpha=comp.alpha,
+        color_palette={m: st[m]["color"] for m in mean_rank.index},
+        label_fmt_left="{label} ({rank:.2f})",
+        label_fmt_right="({rank:.2f}) {label}",
+        label_props={"fontsize": 6.5},
+        text_h_margin=0.3,
     )
-    return fig, how
+    bars = []
+    for lines in artists["crossbars"]:  # one ax.plot() result per crossbar
+        xs = np.asarray(lines[0].get_xdata(), dtype=float)
+        bars.append({m for m, r in mean_rank.items() if np.isclose(xs, r).any()})
+    ax.tick_params(labelsize=6.5)
+    ax.set_xlabel("mean rank (1 = best)", fontsize=7)
+    return fig, bars
+
+
+def joined(bars: list[set[str]], a: str, b: str) -> bool:
+    """Whether one crossbar of the CD diagram joins ``a`` and ``b``."""
+    return any({a, b} <= bar for bar in bars)
 
 
 # ------------------------------------------------------------------------------ curves
 
 
 def convergence_figure(
-    conv: pd.DataFrame, methods: list[str], colors: dict, metric_label: str
+    conv: pd.DataFrame,
+    methods: list[str],
+    st: dict[str, dict],
+    metric_label: str,
+    width: float = FULL_IN,
+    bounds: tuple[float, float] = (0.0, 1.0),
 ) -> Figure | None:
-    """Validation client-macro metric vs round, mean with a t 95% CI over seeds, per dataset."""
+    """Validation client-macro metric vs round: the mean over seeds of each seed's client-macro
+    mean, with a t 95% CI over seeds clipped to the metric's range; integer rounds."""
     if conv.empty:
         return None
     datasets = sorted(conv["dataset"].unique())
-    fig, axes = _grid(len(datasets))
+    ncols = 1 if width < 5 else min(2, len(datasets))
+    fig, axes = _grid(len(datasets), width, 1.9 if width < 5 else 2.2, ncols)
     for ax, d in zip(axes, datasets, strict=True):
         sub = conv[conv["dataset"] == d]
         for m in methods:
@@ -157,55 +171,64 @@ def convergence_figure(
             if x.empty:
                 continue
             g = x.groupby("round")["value"].agg(["mean", "std", "count"]).sort_index()
+            n = g["count"].to_numpy()
             half = np.where(
-                g["count"] > 1,
-                sps.t.ppf(0.975, np.maximum(g["count"] - 1, 1))
-                * g["std"].fillna(0)
-                / np.sqrt(g["count"]),
-                0.0,
+                n > 1, sps.t.ppf(0.975, np.maximum(n - 1, 1)) * g["std"].fillna(0) / np.sqrt(n), 0
             )
-            rounds = g.index.to_numpy(dtype=float)
-            ax.plot(rounds, g["mean"], color=colors[m], label=m, lw=1.5)
-            ax.fill_between(rounds, g["mean"] - half, g["mean"] + half, color=colors[m], alpha=0.2)
-        ax.set_title(d, fontsize=10)
+            r = g.index.to_numpy(dtype=float)
+            s = st[m]
+            ax.plot(r, g["mean"], color=s["color"], ls=s["ls"], lw=s["lw"], marker=s["marker"],
+                    markersize=3, zorder=s["zorder"], label=m)  # fmt: skip
+            lo = np.clip(g["mean"] - half, *bounds)
+            hi = np.clip(g["mean"] + half, *bounds)
+            ax.fill_between(r, lo, hi, color=s["color"], alpha=0.12, lw=0)
+        ax.set_title(d)
         ax.set_xlabel("round")
-        ax.set_ylabel(f"validation {metric_label} (client-macro)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8, loc="lower right")
+        ax.set_ylabel(f"validation {metric_label}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(*bounds)
+        _small(ax)
+    _legend(fig, [m for m in methods if m in set(conv["method"])], st)
     return fig
 
 
 def distribution_figure(
-    blocks: pd.DataFrame, methods: list[str], colors: dict, metric_label: str
+    blocks: pd.DataFrame,
+    methods: list[str],
+    st: dict[str, dict],
+    metric_label: str,
+    width: float = FULL_IN,
 ) -> Figure | None:
-    """Per-client scores (mean over seeds; one point per client) per method and dataset."""
+    """Per-client scores (mean over seeds; one point per client) per method, one panel per
+    dataset stacked in a grid that fits the page width."""
     if blocks.empty:
         return None
     datasets = sorted(blocks["dataset"].unique())
-    fig, axes = _grid(len(datasets), width=max(4.6, 0.8 * len(methods) + 1.5))
+    fig, axes = _grid(len(datasets), width, 1.7 if width < 5 else 1.9, 1)
     for ax, d in zip(axes, datasets, strict=True):
         sub = blocks[blocks["dataset"] == d]
         order = [m for m in methods if m in set(sub["method"])]
         data = [sub.loc[sub["method"] == m, "value"].to_numpy(float) for m in order]
         box = ax.boxplot(
             data, positions=range(len(order)), widths=0.6, showfliers=False, patch_artist=True,
-            medianprops={"color": "k"},
+            medianprops={"color": "k", "lw": 0.8}, boxprops={"lw": 0.6},
+            whiskerprops={"lw": 0.6}, capprops={"lw": 0.6},
         )  # fmt: skip
         for patch, m in zip(box["boxes"], order, strict=True):
-            patch.set_facecolor(colors[m])
-            patch.set_alpha(0.45)
+            patch.set_facecolor(st[m]["color"])
+            patch.set_alpha(0.5)
         rng = np.random.default_rng(0)  # deterministic jitter
         for pos, y in enumerate(data):
-            ax.scatter(pos + rng.uniform(-0.15, 0.15, y.size), y, s=12, color="k", zorder=3)
-        ax.set_xticks(range(len(order)), order, rotation=30, ha="right")
-        ax.set_title(f"{d} ({sub['client'].nunique()} clients)", fontsize=10)
-        ax.set_ylabel(f"test {metric_label} per client")
-        ax.grid(axis="y", alpha=0.3)
+            ax.scatter(pos + rng.uniform(-0.15, 0.15, y.size), y, s=4, color="k", zorder=3)
+        ax.set_xticks(range(len(order)), order, rotation=45, ha="right")
+        ax.set_title(f"{d} ({sub['client'].nunique()} clients)")
+        ax.set_ylabel(f"test {metric_label}")
+        _small(ax)
     return fig
 
 
 def heatmap_figure(
-    matrix: pd.DataFrame, metric_label: str, higher_is_better: bool
+    matrix: pd.DataFrame, metric_label: str, higher_is_better: bool, width: float = FULL_IN
 ) -> Figure | None:
     """Methods × (dataset / site) of the block scores (mean over seeds)."""
     if matrix.empty:
@@ -213,13 +236,13 @@ def heatmap_figure(
     data = matrix.T  # methods × blocks
     labels = [f"{d}/{c}" for d, c in data.columns]
     n_rows, n_cols = data.shape
-    fig = new_figure(max(5.0, 0.55 * n_cols + 2.5), max(2.5, 0.45 * n_rows + 1.5))
+    fig = new_figure(width, min(8.5, 0.9 + 0.17 * n_rows + 0.05 * max(map(len, labels))))
     ax = fig.subplots()
     cmap = "viridis" if higher_is_better else "viridis_r"
     im = ax.imshow(data.to_numpy(float), aspect="auto", cmap=cmap)
-    ax.set_xticks(range(n_cols), labels, rotation=60, ha="right", fontsize=8)
-    ax.set_yticks(range(n_rows), list(data.index), fontsize=9)
-    if n_cols * n_rows <= 400:
+    ax.set_xticks(range(n_cols), labels, rotation=60, ha="right", fontsize=5.5)
+    ax.set_yticks(range(n_rows), list(data.index), fontsize=6)
+    if n_cols * n_rows <= 400 and width >= 5:
         vals = data.to_numpy(float)
         mid = np.nanmean(vals)
         for i in range(n_rows):
@@ -227,79 +250,100 @@ def heatmap_figure(
                 v = vals[i, j]
                 if np.isfinite(v):
                     dark = (v < mid) if higher_is_better else (v > mid)
-                    ax.text(
-                        j, i, f"{v:.2f}", ha="center", va="center", fontsize=6.5,
-                        color="w" if dark else "k",
-                    )  # fmt: skip
-    # separators between datasets
+                    ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=4.5,
+                            color="w" if dark else "k")  # fmt: skip
     ds = [d for d, _ in data.columns]
     for j in range(1, n_cols):
         if ds[j] != ds[j - 1]:
             ax.axvline(j - 0.5, color="w", lw=2)
-    fig.colorbar(im, ax=ax, label=f"test {metric_label} (mean over seeds)")
+    cb = fig.colorbar(im, ax=ax)
+    cb.set_label(f"test {metric_label}", fontsize=7)
+    cb.ax.tick_params(labelsize=6)
     return fig
 
 
+def _bytes_axis(ax, values: np.ndarray) -> float:
+    """Log x axis in MB with readable ticks (1-2-5); methods that send nothing sit at a "0"
+    tick left of the smallest positive value. Returns the x position used for 0."""
+    pos = values[values > 0]
+    if not len(pos):
+        return 0.0
+    zero = float(pos.min()) / 4
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    if (values <= 0).any():
+        ticks = [t for t in ax.get_xticks() if t > zero * 1.5] + [zero]
+        ax.set_xticks(sorted(ticks), [f"{t:g}" if t != zero else "0" for t in sorted(ticks)])
+    ax.set_xlim(zero / 1.6 if (values <= 0).any() else pos.min() / 1.6, pos.max() * 1.6)
+    return zero
+
+
 def bytes_figure(
-    df: pd.DataFrame, methods: list[str], colors: dict, metric_label: str
+    df: pd.DataFrame,
+    methods: list[str],
+    st: dict[str, dict],
+    metric_label: str,
+    width: float = FULL_IN,
 ) -> Figure | None:
-    """Client-macro test metric against total communicated bytes per run (mean over seeds)."""
+    """Client-macro test metric against total communicated MB per run (mean over seeds)."""
     df = df.dropna(subset=["bytes", "mean"])
     if df.empty:
         return None
     datasets = sorted(df["dataset"].unique())
-    fig, axes = _grid(len(datasets))
+    ncols = 1 if width < 5 else min(2, len(datasets))
+    fig, axes = _grid(len(datasets), width, 1.9 if width < 5 else 2.2, ncols)
+    for ax, d in zip(axes, datasets, strict=True):
+        sub = df[df["dataset"] == d]
+        mb = sub["bytes"].to_numpy(float) / 1e6
+        zero = _bytes_axis(ax, mb)
+        for m in methods:
+            x = sub[sub["method"] == m]
+            if x.empty:
+                continue
+            b = x["bytes"].to_numpy(float) / 1e6
+            b = np.where(b > 0, b, zero)
+            s = st[m]
+            ax.errorbar(b, x["mean"], yerr=x["std"].fillna(0), fmt=s["marker"], color=s["color"],
+                        markersize=4, capsize=2, lw=0.8, zorder=s["zorder"], label=m)  # fmt: skip
+        ax.set_title(d)
+        ax.set_xlabel("MB communicated per run (up + down, all clients and rounds)")
+        ax.set_ylabel(f"test {metric_label}")
+        _small(ax)
+    _legend(fig, [m for m in methods if m in set(df["method"])], st, line=False)
+    return fig
+
+
+def fairness_figure(
+    df: pd.DataFrame,
+    methods: list[str],
+    st: dict[str, dict],
+    metric_label: str,
+    higher_is_better: bool,
+    width: float = FULL_IN,
+) -> Figure | None:
+    """Worst client against the client-macro mean per dataset and method (mean over seeds)."""
+    if df.empty:
+        return None
+    datasets = sorted(df["dataset"].unique())
+    ncols = 1 if width < 5 else min(2, len(datasets))
+    fig, axes = _grid(len(datasets), width, 2.0 if width < 5 else 2.6, ncols)
     for ax, d in zip(axes, datasets, strict=True):
         sub = df[df["dataset"] == d]
         for m in methods:
             x = sub[sub["method"] == m]
             if x.empty:
                 continue
-            b = x["bytes"].to_numpy(float)
-            ax.errorbar(
-                b, x["mean"], yerr=x["std"].fillna(0), fmt="o",
-                color=colors[m], label=m, capsize=3,
-            )  # fmt: skip
-        pos = sub.loc[sub["bytes"] > 0, "bytes"]
-        if len(pos) and (sub["bytes"] > 0).all():
-            ax.set_xscale("log")
-        elif len(pos):  # some methods send nothing (local training): keep 0 on the axis
-            ax.set_xscale("symlog", linthresh=float(pos.min()) / 2)
-        ax.set_title(d, fontsize=10)
-        ax.set_xlabel("bytes communicated per run (up + down, all clients)")
-        ax.set_ylabel(f"test {metric_label} (client-macro)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    return fig
-
-
-def fairness_figure(
-    df: pd.DataFrame, methods: list[str], colors: dict, metric_label: str, higher_is_better: bool
-) -> Figure | None:
-    """Worst client against the client-macro mean per dataset and method (mean over seeds)."""
-    if df.empty:
-        return None
-    marks = "osD^vP*Xh"
-    datasets = sorted(df["dataset"].unique())
-    fig = new_figure(6.2, 5.0)
-    ax = fig.subplots()
-    for i, d in enumerate(datasets):
-        for m in methods:
-            x = df[(df["dataset"] == d) & (df["method"] == m)]
-            if x.empty:
-                continue
-            ax.scatter(x["macro"], x["worst"], color=colors[m], marker=marks[i % len(marks)], s=45)
-    lo = float(np.nanmin(df[["macro", "worst"]].to_numpy()))
-    hi = float(np.nanmax(df[["macro", "worst"]].to_numpy()))
-    ax.plot([lo, hi], [lo, hi], color="0.6", ls="--", lw=1, label="worst = mean")
-    handles = [Line2D([], [], color=colors[m], marker="o", ls="", label=m) for m in methods]
-    handles += [
-        Line2D([], [], color="0.3", marker=marks[i % len(marks)], ls="", label=d)
-        for i, d in enumerate(datasets)
-    ]
-    ax.legend(handles=handles, fontsize=8, loc="best")
-    ax.set_xlabel(f"client-macro test {metric_label}")
-    ax.set_ylabel(f"worst-client test {metric_label}")
-    ax.set_title("Fairness: worst client vs mean (closer to the diagonal = more even)", fontsize=10)
-    ax.grid(alpha=0.3)
+            s = st[m]
+            ax.scatter(x["macro"], x["worst"], color=s["color"], marker=s["marker"], s=16,
+                       zorder=s["zorder"])  # fmt: skip
+        lo = float(np.nanmin(sub[["macro", "worst"]].to_numpy()))
+        hi = float(np.nanmax(sub[["macro", "worst"]].to_numpy()))
+        ax.plot([lo, hi], [lo, hi], color="0.6", ls="--", lw=0.8)
+        ax.set_title(f"{d} (dashed: worst = mean)")
+        ax.set_xlabel(f"client-macro test {metric_label}")
+        ax.set_ylabel(f"worst-client {metric_label}")
+        _small(ax)
+    _legend(fig, [m for m in methods if m in set(df["method"])], st, line=False)
     return fig

@@ -17,13 +17,17 @@ import pandas as pd
 from .tables import DOWN, UP, Table
 
 # default OT1 encoding on purpose: T1 without cm-super/lmodern makes TeX generate bitmap fonts
-PREAMBLE = r"""\documentclass{article}
-\usepackage[utf8]{inputenc}
+PACKAGES = r"""\usepackage[utf8]{inputenc}
 \usepackage{booktabs}
 \usepackage{amssymb}
 \usepackage{graphicx}
-\usepackage[margin=1.5cm,landscape]{geometry}
 """
+PREAMBLE = "\\documentclass{article}\n" + PACKAGES
+#: A table with more rows is split into parts ("(part 2 of 4)"), each fitting a page, or a
+#: column of a two-column paper, in small type.
+MAX_ROWS = 24
+#: Estimated natural width (pt) above which a table spans both columns of a paper (table*).
+COLUMN_PT = 240.0
 
 MARKER_TEX = {UP: r"$^{\blacktriangle}$", DOWN: r"$^{\blacktriangledown}$"}
 
@@ -78,6 +82,7 @@ _UNICODE = {
     "⁺": r"$^{+}$",
     "⁻": r"$^{-}$",
     "‘": "`",
+    "|": r"$|$",  # in text mode, OT1 typesets "|" as an em dash
 }
 _SPECIAL_RE = re.compile("|".join(re.escape(k) for k in _SPECIAL))
 _UNICODE_RE = re.compile("|".join(re.escape(k) for k in sorted(_UNICODE, key=len, reverse=True)))
@@ -102,16 +107,63 @@ def tex_escape(text: object) -> str:
     return s
 
 
+def _natural_width(table: Table) -> float:
+    """Rough width in pt of the table in small type (about 4.6 pt a character)."""
+    cols = [[str(table.index_name), *map(str, table.cells.index)]]
+    cols += [[str(c), *map(str, table.cells[c])] for c in table.cells.columns]
+    return sum(max(map(len, col)) * 4.6 + 6.0 for col in cols)
+
+
+def _lines_per_row(table: Table) -> int:
+    """Most lines a row's wrapped (``widths``) cells take, about 4.6 pt a character."""
+    lines = 1
+    for col, width in table.widths.items():
+        if col in table.cells.columns and width.endswith("cm"):
+            chars = max(1, int(float(width[:-2]) * 28.45 / 4.6))
+            longest = max((len(str(v)) for v in table.cells[col]), default=0)
+            lines = max(lines, -(-longest // chars))
+    return lines
+
+
+def _fit(tabular: str) -> str:
+    """The tabular at its natural size, shrunk to the line width only when wider: never an
+    overfull box, never a narrow table blown up (plain LaTeX and graphicx, no extra package)."""
+    return (
+        "\\sbox0{%\n" + tabular.strip() + "%\n}%\n"
+        "\\ifdim\\wd0>\\linewidth\\resizebox{\\linewidth}{!}{\\usebox0}\\else\\usebox0\\fi\n"
+    )
+
+
 def to_latex(table: Table) -> str:
-    """The table as a floating booktabs ``table`` environment with caption and label."""
-    cells = table.cells.apply(lambda col: col.map(tex_escape))
-    marks = table.marker()
+    """The table as booktabs floats with caption and label, sized to fit a page.
+
+    ``table*`` when it is wider than a column (a two-column paper spans it; in one column it
+    is a plain float), the tabular shrunk to the line width only if still too wide, and more
+    than :data:`MAX_ROWS` rows split into parts with the same columns and caption.
+    """
+    n = len(table.cells)
+    env = "table*" if _natural_width(table) > COLUMN_PT else "table"
+    max_rows = max(4, MAX_ROWS // _lines_per_row(table))
+    if n <= max_rows:
+        return _float(table, table.cells.index, env, "", "")
+    parts = -(-n // max_rows)
+    size = -(-n // parts)
+    out = []
+    for i in range(parts):
+        idx = table.cells.index[i * size : (i + 1) * size]
+        out.append(_float(table, idx, env, f" (part {i + 1} of {parts})", f"-{i + 1}"))
+    return "\n".join(out)
+
+
+def _float(table: Table, index: pd.Index, env: str, part: str, suffix: str) -> str:
+    cells = table.cells.loc[index].apply(lambda col: col.map(tex_escape))
+    marks = table.marker().loc[index]
     for col in cells.columns:
         for idx in cells.index:
             mk = marks.loc[idx, col]
             if mk:
                 cells.loc[idx, col] = cells.loc[idx, col] + MARKER_TEX[mk]
-    bold, under = table.mask("bold"), table.mask("underline")
+    bold, under = table.mask("bold").loc[index], table.mask("underline").loc[index]
     css = pd.DataFrame("", index=cells.index, columns=cells.columns)
     css = css.mask(bold, "textbf:--rwrap;").mask(under & ~bold, "underline:--rwrap;")
     first = table.index_name
@@ -123,19 +175,22 @@ def to_latex(table: Table) -> str:
     frame = frame.reset_index(drop=True)
     css = css.reset_index(drop=True)
     styler = frame.style.hide(axis="index").apply(lambda _: css, axis=None)
-    tex = styler.to_latex(
+    tabular = styler.to_latex(
         hrules=True,
-        caption=tex_escape(table.caption),
-        label=f"tab:{table.name}",
-        position_float="centering",
-        column_format="l"
-        + "".join(r"p{3.3cm}" if c == "Verdict" else "c" for c in table.cells.columns),
+        column_format="l" + "".join(_column(table, c) for c in table.cells.columns),
     )
-    if table.cells.shape[1] >= 7 or "Verdict" in table.cells.columns:  # wide: smaller type
-        tex = tex.replace(
-            "\\centering\n", "\\centering\n\\small\n\\setlength{\\tabcolsep}{3pt}\n", 1
-        )
-    return tex
+    return (
+        f"\\begin{{{env}}}\n\\centering\n\\small\n\\setlength{{\\tabcolsep}}{{3pt}}\n"
+        f"\\caption{{{tex_escape(table.caption + part)}}}\n\\label{{tab:{table.name}{suffix}}}\n"
+        + _fit(tabular)
+        + f"\\end{{{env}}}\n"
+    )
+
+
+def _column(table: Table, col: str) -> str:
+    if col in table.widths:
+        return rf"p{{{table.widths[col]}}}"
+    return r"p{3.3cm}" if col == "Verdict" else "c"
 
 
 def write_tables(tables: list[Table], folder: Path) -> list[Path]:
@@ -148,7 +203,9 @@ def write_tables(tables: list[Table], folder: Path) -> list[Path]:
     return out
 
 
-def document(tex_files: list[Path]) -> str:
-    """A minimal document that \\input{}s the tables (for compiling checks)."""
+def document(tex_files: list[Path], options: str = "") -> str:
+    """A plain ``article`` (``options="twocolumn"``: a two-column paper) that inputs the tables,
+    with the default page geometry, so a table that fits here fits a paper."""
     body = "\n".join(rf"\input{{{p.name}}}" + "\n\\clearpage" for p in tex_files)
-    return PREAMBLE + "\\begin{document}\n" + body + "\n\\end{document}\n"
+    cls = rf"\documentclass[{options}]{{article}}" if options else r"\documentclass{article}"
+    return cls + "\n" + PACKAGES + "\\begin{document}\n" + body + "\n\\end{document}\n"

@@ -16,7 +16,10 @@ def to_markdown(table: Table, with_caption: bool = True) -> str:
     lines = [
         "| " + " | ".join(_cell(h) for h in header) + " |",
         "| "
-        + " | ".join([":--"] + [":--" if c == "Verdict" else "--:" for c in table.cells.columns])
+        + " | ".join(
+            [":--"]
+            + [":--" if c == "Verdict" or c in table.widths else "--:" for c in table.cells.columns]
+        )
         + " |",
     ]
     for idx, row in table.cells.iterrows():

@@ -34,6 +34,7 @@ class Table:
     markers: pd.DataFrame | None = None
     index_name: str = "Method"
     notes: list[str] = field(default_factory=list)
+    widths: dict[str, str] = field(default_factory=dict)  # column → LaTeX p{} width (text columns)
 
     def mask(self, which: str) -> pd.DataFrame:
         m = getattr(self, which)
@@ -79,16 +80,17 @@ def p_text(p: float, name: str = "p") -> str:
     return f"{name} {f}" if f.startswith("<") else f"{name} = {f}"
 
 
-def too_few_text(n: int, k: int, alpha: float = stats.ALPHA) -> str:
-    """Why no test against the reference can be significant with N blocks and k methods."""
-    fam = max(1, k - 1)
+def too_few_text(n: int, family: int, alpha: float = stats.ALPHA) -> str:
+    """Why no test against the reference can be significant with N blocks and a Holm family of
+    ``family`` tests."""
+    fam = max(1, family)
     if stats.too_few_blocks(n, alpha):
         return (
             f"with N = {n} blocks the smallest attainable two-sided Wilcoxon p is "
             f"{stats.min_wilcoxon_p(n):.3g} ≥ {alpha:g}"
         )
     return (
-        f"with N = {n} blocks and {fam} Holm-corrected comparisons the smallest attainable "
+        f"with N = {n} blocks and {fam} Holm-corrected pairwise tests the smallest attainable "
         f"adjusted p is {fam * stats.min_wilcoxon_p(n):.3g} ≥ {alpha:g}"
     )
 
@@ -163,10 +165,17 @@ VERDICT_NOTE = (
 )
 
 
-def marker_legend(reference: str, practical: float, alpha: float = stats.ALPHA) -> str:
+def family_text(comp: stats.Comparison) -> str:
+    """The one family every marker, verdict and crossbar of ``comp`` is corrected over."""
+    return f"Holm over all {comp.family_size} pairs of the {comp.k} methods"
+
+
+def marker_legend(
+    reference: str, practical: float, alpha: float = stats.ALPHA, family: str = ""
+) -> str:
     return (
         f"▲/▼: significantly better/worse than {reference} (two-sided Wilcoxon signed-rank test "
-        f"over the blocks, Holm-adjusted p < {alpha:g} and |Δ| > {practical:g})"
+        f"over the blocks, {family or 'Holm'}-adjusted p < {alpha:g} and |Δ| > {practical:g})"
     )
 
 
@@ -179,6 +188,37 @@ def markers_from(comp: stats.Comparison | None) -> dict[str, str]:
         if row["significant"]:
             out[row["a"]] = UP if row["verdict"].endswith("(better)") else DOWN
     return out
+
+
+def failure_cells(res: Results, methods: list[str], dataset: str | None = None) -> dict[str, str]:
+    """Method → "failed/all" case × structure values with the surface failure value (headline
+    labels, every seed and client; one dataset or all)."""
+    f = res.headline(res.failures) if not res.failures.empty else res.failures
+    if dataset is not None and not f.empty:
+        f = f[f["dataset"] == dataset]
+    out = {}
+    for m in methods:
+        g = f[f["method"] == m] if not f.empty else f
+        out[m] = f"{int(g['failures'].sum())}/{int(g['values'].sum())}" if len(g) else "–"
+    return out
+
+
+FAILURE_NOTE = (
+    "Failures: case × structure values (over seeds and clients) where exactly one of prediction "
+    "and reference is empty; they take the declared failure value, the image diagonal in "
+    "spacing units (the BraTS convention; both empty → 0), and are part of every mean."
+)
+
+
+def _add_failures(
+    res: Results, cells: pd.DataFrame, methods: list[str], dataset: str | None = None
+) -> str:
+    """Add the Failures column to a surface-distance table; returns the caption sentence."""
+    if not res.surface:
+        return ""
+    fc = failure_cells(res, methods, dataset)
+    cells["Failures"] = [fc.get(m, "–") for m in cells.index]
+    return " " + FAILURE_NOTE
 
 
 # ------------------------------------------------------------------------------- builders
@@ -224,19 +264,20 @@ def dataset_table(
     if comp is None:
         test = "no tests (fewer than two methods)."
     elif comp.too_few:
-        test = f"within the dataset (blocks = clients) {too_few_text(comp.n, comp.k)}: descriptive only, no markers."
+        test = f"within the dataset (blocks = clients) {too_few_text(comp.n, comp.family_size)}: descriptive only, no markers."
     else:
         test = (
             f"markers on Macro from the Friedman/Iman–Davenport test and the Wilcoxon signed-rank "
             f"test against {reference} over N = {comp.n} clients (blocks), k = {comp.k} methods, "
-            f"Holm-corrected. {marker_legend(reference, practical)}."
+            f"{family_text(comp)}. {marker_legend(reference, practical)}."
         )
+    fail_note = _add_failures(res, cells, methods, dataset)
     caption = (
         f"{dataset}: test {res.metric_label} ({direction(hib)}) per site, client-macro mean "
         f"(each site weighted equally), worst client and SD across clients; "
         f"{spread_text(seeds)}; {n_sites} sites, {len(methods)} methods. Best in "
         f"bold, second underlined (on the displayed rounding; Client SD: lower is better). "
-        f"Tests: {test}"
+        f"Tests: {test}{fail_note}"
     )
     return Table(
         name=f"dataset_{_slug(dataset)}",
@@ -333,14 +374,16 @@ def main_table(
         tests = (
             f"mean rank over N = {overall.n} blocks (dataset, client), k = {overall.k} methods "
             f"(1 = best); {omni}markers on Mean rank from Wilcoxon signed-rank tests against "
-            f"{reference} over all blocks, on a dataset from the tests within that dataset "
-            f"(blocks = its clients; none where too few clients). "
+            f"{reference} over all blocks ({family_text(overall)}: the same tests and family as "
+            f"the text and the CD diagram's bars), on a dataset from the tests within that "
+            f"dataset (blocks = its clients, Holm over its pairs; none where too few clients). "
             f"{marker_legend(reference, practical)}."
         )
+    fail_note = _add_failures(res, cells, methods)
     caption = (
         f"Test {res.metric_label} ({direction(hib)}): client-macro mean per dataset (each site "
         f"weighted equally), {spread_text(seeds)}. Best in bold, "
-        f"second underlined (on the displayed rounding). Tests: {tests}"
+        f"second underlined (on the displayed rounding). Tests: {tests}{fail_note}"
     )
     return Table(
         name="main",
@@ -431,7 +474,8 @@ def pairs_table(comp: stats.Comparison, res: Results) -> Table:
         f"All pairs over N = {comp.n} blocks, k = {comp.k} methods, test {res.metric_label} "
         f"({direction(res.higher_is_better)}): Δ = mean paired difference (first − second) with "
         f"a bootstrap 95% CI; two-sided Wilcoxon signed-rank tests, Holm-corrected over the "
-        f"{len(comp.pairs)} pairs; r = rank-biserial correlation. {_wording(comp)}"
+        f"{len(comp.pairs)} pairs (one family: the markers, the comparison with the reference and "
+        f"the CD diagram's bars are these tests); r = rank-biserial correlation. {_wording(comp)}"
     )
     caption += " " + VERDICT_NOTE
     return Table(name="pairs", title="All pairs", cells=cells, caption=caption, index_name="Pair")
@@ -451,7 +495,8 @@ def per_dataset_table(
     caption = (
         f"Within each dataset: each method against {reference} over its clients (blocks), test "
         f"{res.metric_label} ({direction(res.higher_is_better)}); two-sided Wilcoxon signed-rank "
-        f"tests, Holm-corrected within the dataset, gated by the Friedman/Iman–Davenport test "
+        f"tests, Holm-corrected over all pairs of the dataset's methods, gated by the "
+        f"Friedman/Iman–Davenport test "
         f"where k ≥ 3. With N ≤ 5 clients no p < {stats.ALPHA:g} is attainable and no p-value is "
         "shown. " + VERDICT_NOTE
     )
@@ -526,7 +571,9 @@ def tuned_default_table(
 def _tests_sentence(comp: stats.Comparison) -> str:
     fr = comp.friedman
     if comp.too_few:
-        return f"No p-values: {too_few_text(comp.n, comp.k, comp.alpha)}; descriptive only."
+        return (
+            f"No p-values: {too_few_text(comp.n, comp.family_size, comp.alpha)}; descriptive only."
+        )
     parts = []
     if fr.available:
         parts.append(
@@ -536,8 +583,8 @@ def _tests_sentence(comp: stats.Comparison) -> str:
             "verdicts are gated on it)."
         )
     parts.append(
-        f"Post hoc: two-sided Wilcoxon signed-rank tests, Holm-corrected over the "
-        f"{len(comp.vs_reference)} comparison(s)."
+        f"Post hoc: two-sided Wilcoxon signed-rank tests, {family_text(comp)} (one family for "
+        "the markers, this comparison and the CD diagram's bars)."
     )
     return " ".join(parts)
 
@@ -556,3 +603,88 @@ def _wording(comp: stats.Comparison) -> str:
 def _slug(s: str) -> str:
     out = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(s))
     return out or "dataset"
+
+
+# ------------------------------------------------------------------------------- configurations
+
+#: Shared hyperparameters (protocol keys) every method runs with, by their search-space names.
+SHARED = {"lr": ("optimizer", "lr"), "local_epochs": ("local_epochs",),
+          "local_steps": ("local_steps",), "batch_size": ("batch_size",)}  # fmt: skip
+
+
+def _num(v: object) -> str:
+    """A value rounded for reading: 3 significant digits (0.004430375245218269 → 0.00443)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return str(v)
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+def _shared_value(protocol: dict, name: str) -> object:
+    v: object = protocol
+    for k in SHARED[name]:
+        v = v.get(k) if isinstance(v, dict) else None
+    return v
+
+
+def _space_text(name: str, dim: dict) -> str:
+    if dim.get("kind") == "categorical":
+        return f"{name} ∈ {{{', '.join(_num(c) for c in dim.get('choices') or [])}}}"
+    lo, hi = dim.get("low"), dim.get("high")
+    if dim.get("kind") == "int":
+        lo, hi = int(lo), int(hi)  # type: ignore[arg-type]
+        rng = f"{{{lo}, …, {hi}}}"
+    else:
+        rng = f"[{_num(lo)}, {_num(hi)}]"
+    return f"{name} ∈ {rng}" + (" (log)" if dim.get("log") else "")
+
+
+def configurations_table(res: Results) -> Table | None:
+    """Every configuration reported, per dataset × method × label: the hyperparameter values
+    (rounded for reading), the search space they were tuned in and the tuning budget."""
+    rows: dict[str, dict[str, str]] = {}
+    seen: set[tuple[str, str, str]] = set()
+    for m in sorted(res.manifests, key=lambda m: (str(m.get("dataset")), str(m.get("method")),
+                                                 str(m.get("label")))):  # fmt: skip
+        key = (str(m.get("dataset")), str(m.get("method")), str(m.get("label")))
+        if key in seen:
+            continue
+        seen.add(key)
+        space: dict = m.get("search_space") or {}
+        protocol, params = m.get("protocol") or {}, m.get("params") or {}
+        if space:  # the searched dimensions, shared first
+            values = {
+                n: _shared_value(protocol, n) if d.get("source") == "shared" else params.get(n)
+                for n, d in space.items()
+            }
+        else:
+            values = {n: _shared_value(protocol, n) for n in SHARED} | dict(params)
+        shown = "; ".join(f"{n} = {_num(v)}" for n, v in values.items() if v is not None)
+        budget = m.get("tuning_budget")
+        best = m.get("tuning_trial")
+        trials = (
+            "–"
+            if budget is None
+            else f"{budget}"
+            + (f" (best #{best})" if best is not None and key[2] == "tuned" else "")
+        )
+        rows[" / ".join(key)] = {
+            "Hyperparameters": shown or "–",
+            "Search space": "; ".join(_space_text(n, d) for n, d in space.items()) or "–",
+            "Trials": trials,
+        }
+    if not rows:
+        return None
+    cells = pd.DataFrame.from_dict(rows, orient="index")
+    caption = (
+        "Configurations reported, per dataset / method / label: the hyperparameter values of "
+        "the runs (3 significant digits; with a search space, the searched ones: shared protocol "
+        "values such as lr and each method's own), the search space of the tuning study and its "
+        "budget (trials per (dataset, method), pruned and failed included; the same for every "
+        'method), with the number of the best trial. "default" runs use the protocol\'s and the '
+        'method\'s default values; "fixed" runs were not tuned.'
+    )
+    return Table(
+        name="configurations", title="Configurations", cells=cells, caption=caption,
+        index_name="Dataset / method / label",
+        widths={"Hyperparameters": "4.2cm", "Search space": "5.2cm"},
+    )  # fmt: skip
