@@ -94,6 +94,9 @@ def run(
     workers = n
     out_dir = Path(out) if out else default_out(suite, suite_path)
     out_dir.mkdir(parents=True, exist_ok=True)
+    from pflbench.report.published import write as write_published
+
+    write_published(suite.report, out_dir)  # the suite's published values, for the report
     sweep = suite.tuning is not None or workers > 1 or storage is not None
 
     from pflbench.runner import plan, run_suite

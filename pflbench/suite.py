@@ -321,6 +321,25 @@ class Tuning(_Strict):
         return v
 
 
+class PublishedDataset(_Strict):
+    """A paper's numbers for one dataset of the suite (Dice %)."""
+
+    #: Our site name → the published value.
+    sites: dict[str, float] = Field(default_factory=dict)
+    #: Our site name → the name the paper uses, where they differ.
+    names: dict[str, str] = Field(default_factory=dict)
+    average: float | None = Field(None, description="the paper's client average, if recovered")
+    note: str = ""
+
+
+class Published(_Strict):
+    """``report.published``: values a paper reports, printed beside ours (never a target)."""
+
+    source: str = Field(min_length=1, description="where the numbers come from (paper, table)")
+    method: str = Field(min_length=1, description="the suite's method key they belong to")
+    datasets: dict[str, PublishedDataset] = Field(min_length=1)
+
+
 class Suite(_Strict):
     name: str
     description: str = ""
@@ -429,6 +448,31 @@ def _dataset_protocol_problems(suite: Suite, source: str) -> list[str]:
     return problems
 
 
+def _published_problems(suite: Suite, source: str) -> list[str]:
+    """``report.published`` is well formed and names the suite's own datasets and method."""
+    raw = suite.report.get("published")
+    if raw is None:
+        return []
+    where = f"{source}: report.published"
+    try:
+        pub = Published.model_validate(raw)
+    except ValidationError as exc:
+        return [
+            f"{where}.{_loc(tuple(e['loc']))}: "
+            + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"])
+            for e in exc.errors()
+        ]
+    problems = []
+    datasets = [d.key for d in suite.datasets]
+    for d in pub.datasets:
+        if d not in datasets:
+            problems.append(f"{where}.datasets.{d}: not a dataset of the suite ({datasets})")
+    methods = [m.key for m in suite.methods]
+    if pub.method not in methods:
+        problems.append(f"{where}.method: {pub.method!r} is not a method of the suite")
+    return problems
+
+
 _VAR = re.compile(r"\$(\w+)|\$\{(\w+)\}")
 
 
@@ -476,7 +520,7 @@ def parse_suite(raw: Any, source: str) -> Suite:
         suite.out = expand_env(suite.out, f"{source}: out")
     for i, d in enumerate(suite.datasets):
         d.options = expand_env(d.options, f"{source}: datasets[{i}].options")
-    problems = _dataset_protocol_problems(suite, source)
+    problems = _dataset_protocol_problems(suite, source) + _published_problems(suite, source)
     if problems:
         raise SuiteError("\n".join(problems))
     check_plugins(suite, source)

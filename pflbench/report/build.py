@@ -18,7 +18,7 @@ import pandas as pd
 
 from pflbench import stats
 
-from . import data, figures, html, latex, markdown, tables
+from . import data, figures, html, latex, markdown, published, tables
 from .data import ReportError, Results
 
 # --------------------------------------------------------------------------- document model
@@ -253,8 +253,10 @@ def build_report(
     pairs_t = tables.pairs_table(overall, res) if overall is not None and overall.k > 2 else None
     perds_t = tables.per_dataset_table(per_dataset, res, reference)
     tvd_t = tables.tuned_default_table(res, practical)
+    pub = published.read(run_dir)
+    pub_tables = published.tables(res, pub) if pub is not None else []
     all_tables = [
-        t for t in [main, *ds_tables, *st_tables, comp_t, pairs_t, perds_t, tvd_t]
+        t for t in [main, *ds_tables, *st_tables, comp_t, pairs_t, perds_t, tvd_t, *pub_tables]
         if t is not None and not t.cells.empty
     ]  # fmt: skip
     tex_files = latex.write_tables(all_tables, out / "tables")
@@ -377,6 +379,9 @@ def build_report(
                 doc.append(Block("ul", _verdict_items(comp, dec)))
     if not perds_t.cells.empty:
         doc += [Block("h3", "Tests within each dataset"), Block("table", perds_t)]
+    if pub_tables:
+        doc.append(Block("h2", "Published values beside ours"))
+        doc += [Block("table", t) for t in pub_tables]
     doc.append(Block("h2", "Figures"))
     for key in ("convergence", "distributions", "heatmap", "bytes", "fairness"):
         if key in figs:
