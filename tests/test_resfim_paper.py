@@ -112,3 +112,64 @@ def test_one_round_end_to_end_with_the_published_column(data_root: Path, tmp_pat
     assert 0.0 <= float(ours[0]) <= 100.0
     # the per-dataset protocols reached the runs (appendix of the report)
     assert '"lr": 0.0001' in report and '"augment": ["flips"]' in report
+
+
+class _Res:
+    """The three things the published tables read from report Results."""
+
+    def __init__(self, scores):
+        self._scores = scores
+        self.datasets = sorted(set(scores["dataset"]))
+
+    def headline(self):
+        return self._scores
+
+    def sites(self, dataset):
+        return sorted(set(self._scores.loc[self._scores["dataset"] == dataset, "client"]))
+
+
+def test_published_table_puts_the_papers_values_beside_ours() -> None:
+    import pandas as pd
+
+    from pflbench.report import published
+    from pflbench.suite import Published
+
+    rows = [
+        ("gland", m, "fixed", seed, site, v)
+        for m, site, vals in [
+            ("resfim", "CAMG", (0.70, 0.74)),
+            ("resfim", "MGD-1K", (0.80, 0.84)),
+            ("fedavg", "CAMG", (0.1, 0.1)),
+            ("fedavg", "MGD-1K", (0.1, 0.1)),
+        ]
+        for seed, v in zip((0, 1), vals, strict=True)
+    ]
+    scores = pd.DataFrame(rows, columns=["dataset", "method", "label", "seed", "client", "value"])
+    pub = Published.model_validate(
+        {
+            "source": "paper",
+            "method": "resfim",
+            "datasets": {
+                "gland": {
+                    "sites": {"MGD-1K": 82.32, "CAMG": 76.58, "Other": 1.0},
+                    "names": {"CAMG": "LFSC"},
+                },
+                "vessel": {"sites": {"DRIVE": 1.0}},  # not in the results: no table
+            },
+        }
+    )
+    (table,) = published.tables(_Res(scores), pub)
+    cells = table.cells
+    pub_col, ours_col = cells.columns
+    assert pub_col == "published (Dice %)" and ours_col.startswith("ours: resfim")
+    assert cells.loc["MGD-1K", pub_col] == "82.32"
+    assert cells.loc["CAMG", pub_col] == "76.58 (as LFSC)"
+    assert cells.loc["Avg", pub_col] == "not recovered"
+    assert cells.loc["MGD-1K", ours_col] == "82.00 ± 2.83"  # resfim only, in %, over seeds
+    assert cells.loc["CAMG", ours_col] == "72.00 ± 2.83"
+    assert cells.loc["Avg", ours_col] == "77.00 ± 2.83"  # client macro per seed, then seeds
+    assert "published sites not among ours: Other" in table.caption
+    assert "not ours" in table.caption
+    pub.method = "ditto"
+    (none,) = published.tables(_Res(scores), pub)
+    assert set(none.cells.iloc[:, 1]) == {"–"} and "no finished ditto runs" in none.caption

@@ -381,7 +381,8 @@ def build_report(
         doc += [Block("h3", "Tests within each dataset"), Block("table", perds_t)]
     if pub_tables:
         doc.append(Block("h2", "Published values beside ours"))
-        doc += [Block("table", t) for t in pub_tables]
+        for t in pub_tables:
+            doc += [Block("h3", t.title), Block("table", t)]
     doc.append(Block("h2", "Figures"))
     for key in ("convergence", "distributions", "heatmap", "bytes", "fairness"):
         if key in figs:
