@@ -127,9 +127,15 @@ class Inventory:
 
 
 def pair_files(
-    images: Sequence[Path], masks: Sequence[Path], rel: Callable[[Path], str], mask_dir: Path
+    images: Sequence[Path],
+    masks: Sequence[Path],
+    rel: Callable[[Path], str],
+    mask_dir: Path,
+    mask_stem: Callable[[str], str] | None = None,
 ) -> tuple[list[tuple[Path, Path]], list[str]]:
-    """Pair images with masks: same stem first, then the same name once mask/image tags are dropped.
+    """Pair images with masks: the release's own naming rule first (``mask_stem``: an image stem
+    → its mask's stem, e.g. CAMG's ``Image`` → ``Seg``), then the same stem, then the same name
+    once mask/image tags are dropped.
 
     Returns the pairs (in image order) and one problem per unpaired or ambiguous file.
     """
@@ -148,12 +154,11 @@ def pair_files(
                 f"{rel(img)}: several images named {stem(img)!r} (different extensions)"
             )
             continue
-        cands = by_stem.get(stem(img)) or by_key.get(_name_key(img)) or []
+        want = mask_stem(stem(img)) if mask_stem is not None else stem(img)
+        cands = by_stem.get(want) or by_stem.get(stem(img)) or by_key.get(_name_key(img)) or []
         cands = [c for c in cands if c not in used]
         if not cands:
-            problems.append(
-                f"{rel(img)}: missing mask (no file named {stem(img)}.* in {rel(mask_dir)})"
-            )
+            problems.append(f"{rel(img)}: missing mask (no file named {want}.* in {rel(mask_dir)})")
         elif len(cands) > 1:
             names = ", ".join(rel(c) for c in cands)
             problems.append(f"{rel(img)}: several candidate masks ({names})")
@@ -335,8 +340,9 @@ def label_values(raw: np.ndarray) -> set[float]:
 # --------------------------------------------------------------------------------------------
 
 
-def resize_image(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """C×H×W float → C×size×size (bilinear, anti-aliased when shrinking), clipped to [0, 1]."""
+def resize_image(img: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+    """C×H×W float → C×size×size or C×H'×W' for ``size`` = (H', W') (bilinear, anti-aliased when
+    shrinking), clipped to [0, 1]."""
     hw = (size, size) if isinstance(size, int) else tuple(size)
     if tuple(img.shape[1:]) == hw:
         return np.ascontiguousarray(img, dtype=np.float32)
@@ -345,8 +351,8 @@ def resize_image(img: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
     return out[0].clamp_(0.0, 1.0).numpy()
 
 
-def resize_label(lab: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
-    """H×W class ids → size×size (nearest), int64."""
+def resize_label(lab: np.ndarray, size: int | Sequence[int]) -> np.ndarray:
+    """H×W class ids → size×size or (H', W') (nearest), int64."""
     hw = (size, size) if isinstance(size, int) else tuple(size)
     if tuple(lab.shape) == hw:
         return np.ascontiguousarray(lab, dtype=np.int64)
@@ -528,6 +534,26 @@ def load_cache(path: Path) -> FederatedData | None:
 Sample = tuple[np.ndarray, np.ndarray, int]  # image C×H×W float32, label H×W int64, slice index
 
 
+def output_size(size: Any, loader: str) -> int | list[int]:
+    """A loader's ``size`` option checked: a positive integer, or [H, W] of positive integers."""
+    if isinstance(size, bool):
+        size = None
+    if isinstance(size, (int, np.integer)) and size >= 1:
+        return int(size)
+    if (
+        isinstance(size, (list, tuple))
+        and len(size) == 2
+        and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in size
+        )
+    ):
+        return [int(size[0]), int(size[1])]
+    raise DataError(
+        f"{loader}: option size must be a positive integer or [H, W] of positive integers "
+        f"(got {size!r})"
+    )
+
+
 def _workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
@@ -546,26 +572,36 @@ class FolderDataset(Dataset):
     volumetric: ClassVar[bool] = False
 
     root: str
-    size: int
+    size: int | list[int]
     cache_dir: str | None
     cache: bool
 
     def _common_options(
         self,
         root: str,
-        size: int,
+        size: int | Sequence[int],
         sites: list[str] | None,
         cache_dir: str | None,
         cache: bool,
     ) -> None:
-        """Store and check the options every folder loader has."""
+        """Store and check the options every folder loader has.
+
+        ``size`` is one integer (square output) or [H, W] (e.g. the gland task's [192, 384]).
+        """
         self.root = str(root)
-        self.size = int(size)
+        self.size = output_size(size, self.name)
         self.sites = list(sites) if sites is not None else None
         self.cache_dir = cache_dir
         self.cache = bool(cache)
-        if self.size < 1:
-            raise DataError(f"{self.name}: size must be positive (got {size})")
+        if self.sites is not None and (not self.sites or len(set(self.sites)) != len(self.sites)):
+            raise DataError(f"{self.name}: option sites must list distinct site names")
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        """The output (H, W)."""
+        return (
+            (self.size, self.size) if isinstance(self.size, int) else (self.size[0], self.size[1])
+        )
         if self.sites is not None and (not self.sites or len(set(self.sites)) != len(self.sites)):
             raise DataError(f"{self.name}: option sites must list distinct site names")
 
@@ -580,8 +616,8 @@ class FolderDataset(Dataset):
     def preprocess(
         self, item: Item, image: np.ndarray, label: np.ndarray, spacing: tuple[float, ...] | None
     ) -> list[Sample]:
-        """2-D default: image (bilinear) and label (nearest) resized to ``size``×``size``."""
-        return [(resize_image(image, self.size), resize_label(label, self.size), 0)]
+        """2-D default: image (bilinear) and label (nearest) resized to ``size`` (H×W)."""
+        return [(resize_image(image, self.hw), resize_label(label, self.hw), 0)]
 
     def federate(self, inv: Inventory, sites: list[SiteData]) -> FederatedData:
         raise NotImplementedError
@@ -621,6 +657,7 @@ class FolderDataset(Dataset):
         mask_dir: Path | None,
         expected: tuple[Path, Path],
         group: str | None = None,
+        mask_stem: Callable[[str], str] | None = None,
     ) -> int:
         """Pair the images of ``image_dir`` with the masks of ``mask_dir`` into site ``site``.
 
@@ -637,7 +674,7 @@ class FolderDataset(Dataset):
         images, masks = list_images(image_dir), list_images(mask_dir)
         if not images:
             inv.problems.append(f"{self.rel(image_dir)}: no image files")
-        pairs, problems = pair_files(images, masks, self.rel, mask_dir)
+        pairs, problems = pair_files(images, masks, self.rel, mask_dir, mask_stem)
         inv.problems.extend(problems)
         seen = {it.case_id: it for it in items}
         for img, mask in pairs:

@@ -68,7 +68,7 @@ class Fundus(_io.FolderDataset):
         self,
         *,
         root: str,
-        size: int = 256,
+        size: int | list[int] = 256,
         encoding: str = "dofe",
         val_fraction: float = 0.1,
         split_seed: int = 0,
@@ -85,8 +85,8 @@ class Fundus(_io.FolderDataset):
                 f"{self.name}: unknown encoding {encoding!r}; choose one of "
                 + ", ".join(f"{k} ({v.description})" for k, v in ENCODINGS.items())
             )
-        if self.size < 1 or not 0.0 <= self.val_fraction < 1.0:
-            raise DataError(f"{self.name}: size must be positive and val_fraction in [0, 1)")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise DataError(f"{self.name}: val_fraction must be in [0, 1) (got {val_fraction})")
 
     def root_path(self) -> Path:
         root = super().root_path()

@@ -64,7 +64,7 @@ sites, layout 4site:          Kvasir (1000), ETIS (196), ColonDB (380), ClinicDB
         self,
         *,
         root: str,
-        size: int = 256,
+        size: int | list[int] = 256,
         layout: str = "flmedsegbench5",
         sites: list[str] | None = None,
         cache_dir: str | None = None,

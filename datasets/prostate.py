@@ -72,8 +72,13 @@ class Prostate(_io.FolderDataset):
         self._common_options(root, size, sites, cache_dir, cache)
         self.crop = int(crop)
         self.keep_empty = bool(keep_empty)
-        if self.size < 1 or self.crop < 1:
-            raise DataError(f"{self.name}: size and crop must be positive (got {size}, {crop})")
+        if not isinstance(self.size, int):
+            raise DataError(
+                f"{self.name}: option size must be one integer (slices are centre-cropped square "
+                f"to crop×crop), got {size!r}"
+            )
+        if self.crop < 1:
+            raise DataError(f"{self.name}: crop must be positive (got {crop})")
 
     def site_names(self) -> list[str]:
         return self.sites if self.sites is not None else list(SITES)

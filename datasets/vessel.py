@@ -58,7 +58,7 @@ labels: grey value > 100 is vessel"""
         self,
         *,
         root: str,
-        size: int = 256,
+        size: int | list[int] = 256,
         val_fraction: float = 0.2,
         split_seed: int = 0,
         sites: list[str] | None = None,
@@ -68,8 +68,8 @@ labels: grey value > 100 is vessel"""
         self._common_options(root, size, sites, cache_dir, cache)
         self.val_fraction = float(val_fraction)
         self.split_seed = int(split_seed)
-        if self.size < 1 or not 0.0 <= self.val_fraction < 1.0:
-            raise DataError(f"{self.name}: size must be positive and val_fraction in [0, 1)")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise DataError(f"{self.name}: val_fraction must be in [0, 1) (got {val_fraction})")
 
     def scan(self, root: Path) -> _io.Inventory:
         inv = _io.Inventory(root=root)

@@ -335,7 +335,11 @@ class ResFIM(Method):
 
         opt = client.optimizer(client.model.parameters())
         train_epochs(
-            client.model, stream(), opt, where=f"client {client.id} round {client.round} (local)"
+            client.model,
+            stream(),
+            opt,
+            where=f"client {client.id} round {client.round} (local)",
+            loss_fn=client.loss,
         )
         client.keep_optimizer(opt)
 
@@ -368,7 +372,9 @@ class ResFIM(Method):
         x, y, moved = self.fisher_data(client)
         sets = [(x, y)] + [(xj, y) for xj in moved.values()]
         chunk = FISHER_CHUNK if self.fisher == "per_sample" else client.work.batch_size
-        f_local, *f_moved = diagonal_fisher_sets(client.model, sets, self.fisher, chunk_size=chunk)
+        f_local, *f_moved = diagonal_fisher_sets(
+            client.model, sets, self.fisher, loss_fn=client.loss, chunk_size=chunk
+        )
         raw = residual_scores(f_local, f_moved) if self.residual else f_local
         return normalize_scores(raw, self.normalize)
 
@@ -400,7 +406,7 @@ class ResFIM(Method):
         entries = {
             k: state[k].detach().clone() for k, m in part.items() if k in params or m is True
         }
-        return Upload(entries=entries, weight=float(client.num_train))
+        return Upload(entries=entries, weight=client.weight)
 
     def aggregate(self, uploads: Mapping[str, Upload], round: int) -> Message:
         """Element-wise over the sharers (spec §6); with ``all`` the uploads carry no masks."""

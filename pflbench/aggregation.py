@@ -7,11 +7,30 @@ so every receiver keeps its own value.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
+from typing import Literal
 
 import torch
 
 from pflbench.messages import Message, Upload
+
+WeightKind = Literal["samples", "batches", "uniform"]
+
+
+def client_weight(num_train: int, batch_size: int, kind: WeightKind = "samples") -> float:
+    """A client's unnormalised aggregation weight under ``protocol.aggregation_weights``.
+
+    batches is ⌈n / b⌉, the length of a DataLoader without drop_last (FL-MedSegBench's
+    ``len(train_loader)``), even where our batch stream merges a last batch of one image.
+    """
+    if kind == "samples":
+        return float(num_train)
+    if kind == "batches":
+        return float(math.ceil(num_train / batch_size))
+    if kind == "uniform":
+        return 1.0
+    raise ValueError(f"unknown aggregation weights {kind!r}; expected samples, batches or uniform")
 
 
 def aggregation_weights(uploads: Mapping[str, Upload]) -> dict[str, float]:

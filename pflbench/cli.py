@@ -215,6 +215,9 @@ def run(
 
     cells = plan(suite)
     _preflight_or_fail(suite, out_dir, len(cells), children)
+    from pflbench.report.published import write as write_published
+
+    write_published(suite.report, out_dir)  # the suite's published values, for the report
     n_runs = len(cells)
     t_start = time.perf_counter()
     skipped = 0

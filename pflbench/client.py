@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pflbench.aggregation import WeightKind, client_weight
 from pflbench.data import SiteData
 from pflbench.state import clone_tree
 from pflbench.training import batch_stream, make_optimizer, segmentation_loss, train_epochs
@@ -33,8 +34,16 @@ class LocalWork:
     lr: float
     weight_decay: float
     momentum: float
-    augment: bool
+    augment: bool | tuple[str, ...]
     shuffle: bool
+    loss_smoothing: float = 1.0
+    aggregation_weights: WeightKind = "samples"
+
+    @property
+    def augmentations(self) -> tuple[str, ...]:
+        if isinstance(self.augment, bool):
+            return ("flips",) if self.augment else ()
+        return tuple(self.augment)
 
 
 @dataclass
@@ -68,6 +77,7 @@ class Client:
         "_budget",
         "_template",
         "_persist_optimizer",
+        "_lr_factor",
     )
 
     def __init__(
@@ -83,6 +93,7 @@ class Client:
         device: torch.device,
         budget: Budget,
         persist_optimizer: bool = False,
+        lr_factor: float = 1.0,
     ) -> None:
         self.id = cid
         self.model = model
@@ -96,6 +107,7 @@ class Client:
         self._budget = budget
         self._template = model
         self._persist_optimizer = persist_optimizer
+        self._lr_factor = lr_factor
 
     # data -------------------------------------------------------------------------------
     @property
@@ -106,6 +118,16 @@ class Client:
     @property
     def num_train(self) -> int:
         return len(self._train)
+
+    @property
+    def weight(self) -> float:
+        """This client's aggregation weight (``protocol.aggregation_weights``), for uploads."""
+        return client_weight(self.num_train, self._work.batch_size, self._work.aggregation_weights)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of this round (the suite's rate times its schedule's factor)."""
+        return self._work.lr * self._lr_factor
 
     @property
     def device(self) -> torch.device:
@@ -137,15 +159,17 @@ class Client:
         """
         if epochs is None and steps is None:
             epochs, steps = self._work.epochs, self._work.steps
+        augmentations = self._work.augmentations
         stream = batch_stream(
             data if data is not None else self._train,
             batch_size or self._work.batch_size,
             epochs=epochs,
             steps=steps,
             order=self.generator("data-order"),
-            augment=self.generator("augment") if self._work.augment else None,
+            augment=self.generator("augment") if augmentations else None,
             shuffle=self._work.shuffle,
             device=self._device,
+            augmentations=augmentations,
         )
         for x, y in stream:
             self._budget.add(label, len(x))
@@ -162,15 +186,19 @@ class Client:
 
     # training ---------------------------------------------------------------------------
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return segmentation_loss(logits, labels)
+        """The suite's loss (with its ``loss_smoothing``)."""
+        return segmentation_loss(logits, labels, self._work.loss_smoothing)
 
     def optimizer(self, params, key: str = "main") -> torch.optim.Optimizer:
-        """The suite's optimizer over ``params``; restores its state when the method persists it."""
+        """The suite's optimizer over ``params`` at this round's rate; restores its state (moments,
+        step counts) when the optimizer state persists, but never the saved rate."""
         w = self._work
-        opt = make_optimizer(params, w.optimizer, w.lr, w.weight_decay, w.momentum)
+        opt = make_optimizer(params, w.optimizer, self.lr, w.weight_decay, w.momentum)
         saved = self.state.get(f"_optimizer/{key}") if self._persist_optimizer else None
         if saved is not None:
             opt.load_state_dict(saved)
+            for group in opt.param_groups:
+                group["lr"] = self.lr
         return opt
 
     def keep_optimizer(self, opt: torch.optim.Optimizer, key: str = "main") -> None:
@@ -202,6 +230,7 @@ class Client:
             opt,
             extra_loss=extra_loss,
             where=f"client {self.id} round {self.round} ({label})",
+            loss_fn=self.loss,
         )
         self.keep_optimizer(opt, key)
         return mean_loss

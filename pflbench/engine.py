@@ -127,9 +127,12 @@ class Federation:
             lr=opt.lr,
             weight_decay=opt.weight_decay,
             momentum=opt.momentum,
-            augment=protocol.augment,
+            augment=protocol.augmentations,
             shuffle=protocol.shuffle,
+            loss_smoothing=protocol.loss_smoothing,
+            aggregation_weights=protocol.aggregation_weights,
         )
+        self.persist_optimizer = (method.optimizer_state or protocol.optimizer_state) == "persist"
         self.comm_rows: list[dict[str, Any]] = []
         self.round_rows: list[dict[str, Any]] = []
         self.best: dict[str, tuple[float, int]] = {}
@@ -152,7 +155,8 @@ class Federation:
             seed=self.client_seed,
             device=self.device,
             budget=self.budget,
-            persist_optimizer=self.method.optimizer_state == "persist",
+            persist_optimizer=self.persist_optimizer,
+            lr_factor=self.protocol.lr_factor(round),
         )
 
     def _close(self, cid: str, client: Client) -> None:
@@ -244,9 +248,8 @@ class Federation:
 
     def _evaluate(self, r: int) -> float:
         t0 = time.perf_counter()
-        half = self.protocol.rounds // 2
         selectable = {
-            "best_after_half": r > half or self.protocol.rounds == 1,
+            "best_after_half": r >= self.protocol.first_selectable() or self.protocol.rounds == 1,
             "best": True,
             "last": False,
         }[self.protocol.selection]
@@ -368,6 +371,7 @@ class Federation:
             "timings": self.timings,
             "threads": torch.get_num_threads(),
             "device": str(self.device),
+            "optimizer_state": "persist" if self.persist_optimizer else "reset",
             "budget": dict(self.budget.samples),
             "partition_sizes": partition_sizes(probe, self.method.partition(probe)),
             "client_partition_sizes": client_sizes,

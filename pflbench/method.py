@@ -41,8 +41,9 @@ class Method:
     #: Citation of the method's paper (authors, venue, year, arXiv id).
     paper: ClassVar[str] = ""
     params: ClassVar[dict[str, Param]] = {}
-    #: Whether optimizer state (e.g. Adam moments) survives from one round to the next.
-    optimizer_state: ClassVar[Literal["reset", "persist"]] = "reset"
+    #: Whether optimizer state (e.g. Adam moments) survives from one round to the next; None
+    #: follows the suite's ``protocol.optimizer_state``, a value forces it for this method.
+    optimizer_state: ClassVar[Literal["reset", "persist"] | None] = None
     #: False for methods that never send anything (Local).
     communicates: ClassVar[bool] = True
 
@@ -121,7 +122,7 @@ class Method:
                     masks[k] = m.clone()
             elif m:
                 entries[k] = state[k].detach().clone()
-        return Upload(entries=entries, masks=masks, weight=float(client.num_train))
+        return Upload(entries=entries, masks=masks, weight=client.weight)
 
     def aggregate(self, uploads: Mapping[str, Upload], round: int) -> Message | dict[str, Message]:
         """One message broadcast to every client, or a message per client id.

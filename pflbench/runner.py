@@ -60,9 +60,7 @@ class RunSpec:
             "method": self.method.name,
             "params": params,
             "seed": self.seed,
-            "protocol": self.protocol.model_dump(
-                mode="json", exclude={"threads", "device", "store"}
-            ),
+            "protocol": self.protocol.key_dict(),
             "model": self.model.model_dump(mode="json"),
             "mode": self.mode,
             "version": __version__,
@@ -80,7 +78,7 @@ class RunSpec:
 def plan(suite: Suite) -> list[RunSpec]:
     """Every (dataset, method, seed) cell of a suite, in a stable order."""
     return [
-        RunSpec(dataset=d, method=m, seed=s, protocol=suite.protocol, model=suite.model)
+        RunSpec(dataset=d, method=m, seed=s, protocol=suite.protocol_for(d), model=suite.model)
         for d in suite.datasets
         for m in suite.methods
         for s in suite.seeds

@@ -52,6 +52,9 @@ class DatasetSpec(_Strict):
     label: str | None = None
     options: dict[str, Any] = Field(default_factory=dict)
     split_seed: int = 0
+    #: Protocol keys for this dataset only, merged over the suite's ``protocol`` (mappings such
+    #: as ``optimizer`` key by key), e.g. the benchmark's learning rate per dataset.
+    protocol: dict[str, Any] = Field(default_factory=dict)
 
     _short = model_validator(mode="before")(_name_or_mapping)
 
@@ -86,8 +89,43 @@ class OptimizerSpec(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
 
 
+class StepSchedule(_Strict):
+    """Multiply the learning rate by ``gamma`` at the start of rounds ``every``, 2·``every``, …
+
+    The rate of (1-based) round r is lr·gamma^⌊r / every⌋: FL-MedSegBench's ``lr_scheduler``
+    halves the rate before 0-based round i whenever (i + 1) is a multiple of its step size, i.e.
+    one round earlier than a PyTorch ``StepLR`` stepped after each round would. ``every`` below
+    1 is a fraction of T, rounded down (0.25 is the benchmark's ``T // 4``).
+    """
+
+    name: Literal["step"] = "step"
+    every: float = Field(gt=0, description="rounds between decays, or a fraction of T when < 1")
+    gamma: float = Field(0.5, gt=0, le=1)
+
+    @field_validator("every")
+    @classmethod
+    def _whole_or_fraction(cls, v: float) -> float:
+        if v >= 1 and v != int(v):
+            raise ValueError(f"every must be a whole number of rounds or a fraction < 1, got {v}")
+        return v
+
+    def every_rounds(self, rounds: int) -> int:
+        return max(1, int(self.every * rounds)) if self.every < 1 else int(self.every)
+
+    def factor(self, round: int, rounds: int) -> float:
+        """The multiplier of the base rate in (1-based) round ``round`` of ``rounds``."""
+        return self.gamma ** (round // self.every_rounds(rounds))
+
+
+Augmentation = Literal["flips", "rot90"]
+
+
 class Protocol(_Strict):
-    """The federation protocol, identical for every method of a suite."""
+    """The federation protocol, identical for every method of a suite.
+
+    The keys of :data:`KEYED_WHEN_SET` enter a run's key only when they differ from their
+    default, so that adding them left every earlier run key (and every default number) as it was.
+    """
 
     rounds: int = Field(gt=0, description="communication rounds T")
     local_epochs: int | None = Field(1, gt=0)
@@ -100,12 +138,59 @@ class Protocol(_Strict):
     threads: int | None = Field(None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     store: Literal["memory", "disk"] = "memory"
-    augment: bool = False
+    #: True is ["flips"] (horizontal and vertical, p 0.5 each); "rot90" adds a rotation by a
+    #: uniform multiple of 90° with p 0.5 (square images only), as albumentations'
+    #: RandomRotate90 in FL-MedSegBench.
+    augment: bool | list[Augmentation] = False
     shuffle: bool = True
     surface_metrics: bool = True
     #: Also score the test split at every evaluation round (test convergence curves). Selection
     #: never uses it; off by default because it doubles the evaluation cost.
     track_test: bool = False
+    #: reset: a fresh optimizer every round; persist: one optimizer per client for the whole run
+    #: (Adam moments and step counts carry over), as FL-MedSegBench. A method may force its own.
+    optimizer_state: Literal["reset", "persist"] = "reset"
+    lr_schedule: StepSchedule | None = None
+    #: Each client's share of the average: ∝ training images (samples), ∝ training batches
+    #: ⌈n / batch_size⌉ (batches, FL-MedSegBench's len(train_loader)), or equal (uniform).
+    aggregation_weights: Literal["samples", "batches", "uniform"] = "samples"
+    #: The soft Dice smoothing term ε in (2·|P∩G| + ε) / (|P| + |G| + ε); the benchmark uses 1e-6.
+    loss_smoothing: float = Field(1.0, gt=0)
+    #: First round best_after_half may select: after_half is 1-based round r > T // 2;
+    #: benchmark is FL-MedSegBench's 0-based index r − 1 > T // 2 (one round later).
+    selection_start: Literal["after_half", "benchmark"] = "after_half"
+
+    @field_validator("augment")
+    @classmethod
+    def _distinct_augment(cls, v: bool | list[str]) -> bool | list[str]:
+        if isinstance(v, list) and len(set(v)) != len(v):
+            raise ValueError(f"augmentations must be distinct, got {v}")
+        return v
+
+    @property
+    def augmentations(self) -> tuple[str, ...]:
+        """The augmentation set: () for none, ("flips",) for ``augment: true``."""
+        if isinstance(self.augment, bool):
+            return ("flips",) if self.augment else ()
+        return tuple(a for a in ("flips", "rot90") if a in self.augment)
+
+    def lr_factor(self, round: int) -> float:
+        """The multiplier of the base learning rate in (1-based) round ``round``."""
+        return 1.0 if self.lr_schedule is None else self.lr_schedule.factor(round, self.rounds)
+
+    def first_selectable(self) -> int:
+        """The first (1-based) round best_after_half may select."""
+        half = self.rounds // 2
+        return half + (2 if self.selection_start == "benchmark" else 1)
+
+    def key_dict(self) -> dict[str, Any]:
+        """What of the protocol enters a run key: not where it runs (threads, device, store),
+        and the :data:`KEYED_WHEN_SET` keys only when set to something other than the default."""
+        out = self.model_dump(mode="json", exclude={"threads", "device", "store"})
+        for k in KEYED_WHEN_SET:
+            if getattr(self, k) == type(self).model_fields[k].default:
+                out.pop(k)
+        return out
 
     @model_validator(mode="after")
     def _one_budget(self) -> Protocol:
@@ -114,6 +199,30 @@ class Protocol(_Strict):
         if (self.local_epochs is None) == (self.local_steps is None):
             raise ValueError("give exactly one of local_epochs and local_steps")
         return self
+
+
+#: Protocol keys added after run keys existed: part of a run key only when not at the default.
+KEYED_WHEN_SET = (
+    "optimizer_state",
+    "lr_schedule",
+    "aggregation_weights",
+    "loss_smoothing",
+    "selection_start",
+)
+
+#: Protocol keys a dataset may not override: they decide how a sweep's workers are laid out.
+SUITE_ONLY = frozenset({"threads"})
+
+
+def merge_protocol(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` over ``base``; mappings (``optimizer``, ``lr_schedule``) merge key by key."""
+    out = dict(base)
+    for k, v in override.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = merge_protocol(out[k], v)
+        else:
+            out[k] = v
+    return out
 
 
 #: The shared search dimensions every method gets (the protocol's own knobs), with their type.
@@ -215,6 +324,25 @@ class Tuning(_Strict):
         return v
 
 
+class PublishedDataset(_Strict):
+    """A paper's numbers for one dataset of the suite (Dice %)."""
+
+    #: Our site name → the published value.
+    sites: dict[str, float] = Field(default_factory=dict)
+    #: Our site name → the name the paper uses, where they differ.
+    names: dict[str, str] = Field(default_factory=dict)
+    average: float | None = Field(None, description="the paper's client average, if recovered")
+    note: str = ""
+
+
+class Published(_Strict):
+    """``report.published``: values a paper reports, printed beside ours (never a target)."""
+
+    source: str = Field(min_length=1, description="where the numbers come from (paper, table)")
+    method: str = Field(min_length=1, description="the suite's method key they belong to")
+    datasets: dict[str, PublishedDataset] = Field(min_length=1)
+
+
 class Suite(_Strict):
     name: str
     description: str = ""
@@ -276,6 +404,10 @@ class Suite(_Strict):
             raise ValueError(f"seeds must be distinct, got {v}")
         return v
 
+    def protocol_for(self, dataset: DatasetSpec) -> Protocol:
+        """The suite's protocol with ``dataset.protocol`` merged over it."""
+        return dataset_protocol(self.protocol, dataset.protocol)
+
     @model_validator(mode="after")
     def _unique_labels(self) -> Suite:
         for what, items in (("datasets", self.datasets), ("methods", self.methods)):
@@ -284,6 +416,64 @@ class Suite(_Strict):
             if dup:
                 raise ValueError(f"{what}: {dup} appear more than once; give each a distinct label")
         return self
+
+
+def dataset_protocol(base: Protocol, override: dict[str, Any]) -> Protocol:
+    """``override`` (a dataset's ``protocol`` keys) merged over ``base`` and validated.
+
+    Setting one local budget (``local_epochs`` / ``local_steps``) replaces the other.
+    """
+    if not override:
+        return base
+    bad = sorted(SUITE_ONLY & set(override))
+    if bad:
+        raise ValueError(f"{bad[0]} is set for the whole suite only (protocol.{bad[0]})")
+    raw = base.model_dump()
+    for budget, other in (("local_epochs", "local_steps"), ("local_steps", "local_epochs")):
+        if override.get(budget) is not None and other not in override:
+            raw[other] = None
+    return Protocol.model_validate(merge_protocol(raw, override))
+
+
+def _dataset_protocol_problems(suite: Suite, source: str) -> list[str]:
+    problems = []
+    for i, d in enumerate(suite.datasets):
+        where = f"{source}: datasets[{i}].protocol"
+        try:
+            dataset_protocol(suite.protocol, d.protocol)
+        except ValidationError as exc:
+            for err in exc.errors():
+                msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+                loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
+                problems.append(f"{where}.{_loc(loc)}: {msg}" if loc else f"{where}: {msg}")
+        except ValueError as exc:
+            problems.append(f"{where}: {exc}")
+    return problems
+
+
+def _published_problems(suite: Suite, source: str) -> list[str]:
+    """``report.published`` is well formed and names the suite's own datasets and method."""
+    raw = suite.report.get("published")
+    if raw is None:
+        return []
+    where = f"{source}: report.published"
+    try:
+        pub = Published.model_validate(raw)
+    except ValidationError as exc:
+        return [
+            f"{where}.{_loc(tuple(e['loc']))}: "
+            + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"])
+            for e in exc.errors()
+        ]
+    problems = []
+    datasets = [d.key for d in suite.datasets]
+    for d in pub.datasets:
+        if d not in datasets:
+            problems.append(f"{where}.datasets.{d}: not a dataset of the suite ({datasets})")
+    methods = [m.key for m in suite.methods]
+    if pub.method not in methods:
+        problems.append(f"{where}.method: {pub.method!r} is not a method of the suite")
+    return problems
 
 
 _VAR = re.compile(r"\$(\w+)|\$\{(\w+)\}")
@@ -370,6 +560,9 @@ def parse_suite(raw: Any, source: str) -> Suite:
         suite.out = expand_env(suite.out, f"{source}: out")
     for i, d in enumerate(suite.datasets):
         d.options = expand_env(d.options, f"{source}: datasets[{i}].options")
+    problems = _dataset_protocol_problems(suite, source) + _published_problems(suite, source)
+    if problems:
+        raise SuiteError("\n".join(problems))
     check_plugins(suite, source)
     return suite
 

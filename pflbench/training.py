@@ -6,7 +6,7 @@ same loss, optimizer and data order, and every pass over the data is counted.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
 import torch
@@ -28,27 +28,39 @@ def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, eps: float = 1.0) 
     return 1.0 - ((2 * inter + eps) / (denom + eps)).mean()
 
 
-def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """0.5·BCE + 0.5·Dice for one structure (one logit channel); CE + Dice for several classes.
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-    The binary form is the field's benchmark loss (FL-MedSegBench); the multi-class form weighs
-    CE and Dice equally as well.
+
+def segmentation_loss(
+    logits: torch.Tensor, labels: torch.Tensor, smooth: float = 1.0
+) -> torch.Tensor:
+    """0.5·BCE + 0.5·soft Dice for one structure (one logit channel); CE + Dice for several.
+
+    Dice is taken per image over the foreground channel(s) and averaged. With the default
+    smoothing 1.0 this is pflbench's own loss; FL-MedSegBench's ``DiceBCELoss`` has the same
+    binary form with smoothing 1e-6 (``protocol.loss_smoothing``). The multi-class form leaves
+    the background channel out of the Dice term, which that benchmark's does not.
     """
     if logits.shape[1] == 1:
         target = (labels > 0).to(logits.dtype).unsqueeze(1)
         bce = F.binary_cross_entropy_with_logits(logits, target)
-        return 0.5 * bce + 0.5 * soft_dice_loss(torch.sigmoid(logits), target)
+        return 0.5 * bce + 0.5 * soft_dice_loss(torch.sigmoid(logits), target, smooth)
     ce = F.cross_entropy(logits, labels)
     # one-hot by comparison (F.one_hot checks the range with .item(), which vmap cannot trace)
     classes = torch.arange(logits.shape[1], device=labels.device).view(1, -1, 1, 1)
     onehot = (labels.unsqueeze(1) == classes).to(logits.dtype)
-    return 0.5 * ce + 0.5 * soft_dice_loss(torch.softmax(logits, 1)[:, 1:], onehot[:, 1:])
+    return 0.5 * ce + 0.5 * soft_dice_loss(torch.softmax(logits, 1)[:, 1:], onehot[:, 1:], smooth)
 
 
-def per_sample_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def per_sample_loss(
+    logits: torch.Tensor, labels: torch.Tensor, smooth: float = 1.0
+) -> torch.Tensor:
     """The same loss for each item separately (used by per-sample Fisher estimates)."""
     return torch.stack(
-        [segmentation_loss(logits[i : i + 1], labels[i : i + 1]) for i in range(len(logits))]
+        [
+            segmentation_loss(logits[i : i + 1], labels[i : i + 1], smooth)
+            for i in range(len(logits))
+        ]
     )
 
 
@@ -75,16 +87,30 @@ def batch_stream(
     augment: torch.Generator | None,
     shuffle: bool = True,
     device: torch.device | str = "cpu",
+    augmentations: Sequence[str] = ("flips",),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Mini-batches from in-memory tensors: ``epochs`` passes, or exactly ``steps`` batches.
 
     No DataLoader is built per round: indexing the held tensors is the whole pipeline.
     A final short batch is kept (a site smaller than the batch still trains); a batch of one
     image is merged into the previous one, because BatchNorm cannot train on a single item.
+    With an ``augment`` generator, ``augmentations`` are applied per image in the order
+    albumentations applies FL-MedSegBench's: "flips" (horizontal, vertical, p 0.5 each), then
+    "rot90" (p 0.5, by a uniform k·90°, k ∈ {0, 1, 2, 3}; square images only).
     """
     n = len(data)
     if (epochs is None) == (steps is None):
         raise ValueError("give exactly one of epochs or steps")
+    unknown = sorted(set(augmentations) - {"flips", "rot90"})
+    if unknown:
+        raise ValueError(f"unknown augmentation(s) {unknown}; expected flips, rot90")
+    if augment is not None and "rot90" in augmentations and n:
+        h, w = data.images.shape[-2:]
+        if h != w:
+            raise ValueError(
+                f"site {data.name!r}: rot90 augmentation needs square images, got {h}×{w} "
+                "(use augment: [flips])"
+            )
 
     def one_epoch() -> list[torch.Tensor]:
         idx = torch.randperm(n, generator=order) if shuffle else torch.arange(n)
@@ -97,14 +123,22 @@ def batch_stream(
     def emit(ix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = data.images.index_select(0, ix)
         y = data.labels.index_select(0, ix)
-        if augment is not None:
-            flip = torch.rand(len(ix), 2, generator=augment) < 0.5
+        if augment is not None and augmentations:
             x, y = x.clone(), y.clone()
+        if augment is not None and "flips" in augmentations:
+            flip = torch.rand(len(ix), 2, generator=augment) < 0.5
             for i in range(len(ix)):
                 if flip[i, 0]:
                     x[i], y[i] = x[i].flip(-1), y[i].flip(-1)
                 if flip[i, 1]:
                     x[i], y[i] = x[i].flip(-2), y[i].flip(-2)
+        if augment is not None and "rot90" in augmentations:
+            turn = torch.rand(len(ix), generator=augment) < 0.5
+            k = torch.randint(0, 4, (len(ix),), generator=augment)
+            for i in range(len(ix)):
+                if turn[i] and k[i]:
+                    q = int(k[i])
+                    x[i], y[i] = x[i].rot90(q, (-2, -1)), y[i].rot90(q, (-2, -1))
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     if epochs is not None:
@@ -132,13 +166,14 @@ def train_epochs(
     optimizer: torch.optim.Optimizer,
     extra_loss=None,
     where: str = "local training",
+    loss_fn: LossFn = segmentation_loss,
 ) -> tuple[float, int]:
     """Plain supervised steps over ``batches``; returns (mean loss, samples seen)."""
     model.train()
     total, seen, count = 0.0, 0, 0
     for x, y in batches:
         optimizer.zero_grad(set_to_none=True)
-        loss = segmentation_loss(model(x), y)
+        loss = loss_fn(model(x), y)
         if extra_loss is not None:
             loss = loss + extra_loss(model)
         check_finite(loss, where)

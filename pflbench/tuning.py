@@ -261,9 +261,7 @@ class StudyRef:
             "label": self.label,
             "dataset": self.dataset.model_dump(mode="json"),
             "method": self.method.model_dump(mode="json"),
-            "protocol": suite.protocol.model_dump(
-                mode="json", exclude={"threads", "device", "store"}
-            ),
+            "protocol": suite.protocol_for(self.dataset).key_dict(),
             "model": suite.model.model_dump(mode="json"),
         }
         if self.kind == "tune" or self.label == "tuned":
@@ -437,7 +435,7 @@ def tuning_objective(
     cache = cache or DataCache()
     space = search_space(tuning, method)
     config = {name: dim.suggest(trial) for name, dim in space.items()}
-    protocol, mspec = configure(suite.protocol, method, config, space, threads)
+    protocol, mspec = configure(suite.protocol_for(dataset), method, config, space, threads)
     tune_out = Path(out) / TUNING_DIR
     rounds = protocol.rounds
     scores: list[float] = []
@@ -495,7 +493,7 @@ def final_spec(
 ) -> RunSpec:
     """The reporting run of one cell of a runs study."""
     space = search_space(suite.tuning, ref.method) if suite.tuning is not None else {}
-    protocol, mspec = configure(suite.protocol, ref.method, config, space, threads)
+    protocol, mspec = configure(suite.protocol_for(ref.dataset), ref.method, config, space, threads)
     assert ref.label is not None
     # not part of the run key: what the report's configurations table cites
     extra = (

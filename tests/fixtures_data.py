@@ -23,6 +23,10 @@ class Tree:
     files: dict[str, list[tuple[Path, Path]]] = field(default_factory=dict)
     groups: dict[str, dict[str, list[str]]] = field(default_factory=dict)
     images: dict[str, int] = field(default_factory=dict)  # 2-D images load() should make
+    folders: dict[str, Path] = field(default_factory=dict)  # site folder, where not root/site
+
+    def folder(self, site: str) -> Path:
+        return self.folders.get(site, self.root / site)
 
     def add(self, site: str, case: str, image: Path, mask: Path, group: str | None = None) -> None:
         self.cases.setdefault(site, []).append(case)
@@ -253,4 +257,53 @@ def make_vessel_tree(
                 lab = write_pillow(base / "Labels" / lname, vessel_label(*size, si, i))
                 tree.add(site, stem, img, lab, group)
         tree.images[site] = n_train + n_test
+    return tree
+
+
+# ------------------------------------------------------------------------------------------
+# Meibomian gland (MGD-1K + CAMG, FL-MedSegBench layout)
+# ------------------------------------------------------------------------------------------
+
+
+def gland_label(h: int, w: int, *key: int) -> np.ndarray:
+    """A few vertical gland-like bars, 0/255."""
+    rng = _rng(*key)
+    lab = np.zeros((h, w), dtype=np.uint8)
+    for _ in range(4):
+        c = int(rng.integers(2, w - 3))
+        top, bottom = int(rng.integers(1, h // 3)), int(rng.integers(2 * h // 3, h - 1))
+        lab[top:bottom, c : c + 2] = 255
+    return lab
+
+
+def make_gland_tree(
+    root: Path, sites: dict[str, int] | None = None, size: tuple[int, int] = (24, 40)
+) -> Tree:
+    """``sites`` maps MGD-1K / CAMG → images (default 6 each), in the benchmark's layout.
+
+    MGD-1K: ``MGD1k/Subset/Original/mgd_NN.JPG`` (one ``.jpg``) with PNG masks of the same name,
+    the last one a ``.tif`` as in the release; CAMG: ``CAMG/Original/CAMG_Image_NN.png`` with
+    masks ``CAMG/Meibomian_Gland_Labels/CAMG_Seg_NN.png``.
+    """
+    sites = sites or {"MGD-1K": 6, "CAMG": 6}
+    tree = Tree(root=root)
+    for si, (site, n) in enumerate(sites.items()):
+        if site == "MGD-1K":
+            folder = root / "MGD1k"
+            base = folder / "Subset"
+        else:
+            folder = base = root / site
+        tree.folders[site] = folder
+        for i in range(n):
+            if site == "MGD-1K":
+                case = f"mgd_{i:02d}"
+                iname = f"{case}.jpg" if i == 1 else f"{case}.JPG"
+                mname = f"{case}.tif" if i == n - 1 else f"{case}.png"
+            else:
+                case = f"CAMG_Image_{i:02d}"
+                iname, mname = f"{case}.png", f"CAMG_Seg_{i:02d}.png"
+            img_path = write_pillow(base / "Original" / iname, rgb_image(*size, 40 + si, i))
+            mask = write_pillow(base / "Meibomian_Gland_Labels" / mname, gland_label(*size, si, i))
+            tree.add(site, case, img_path, mask)
+        tree.images[site] = n
     return tree

@@ -33,6 +33,7 @@ def _has_norm(model: nn.Module) -> set[type]:
         (1, 1, (128, 48), {}),
         (2, 3, (12, 20), {"depth": 2}),
         (4, 5, (64, 32), {"base": 8, "depth": 5}),
+        (3, 1, (192, 384), {"depth": 5}),  # the gland task's H×W, the benchmark's 5 levels
         (1, 3, (32, 32), {"up": "bilinear"}),
         (1, 3, (32, 32), {"norm": "instance", "dropout": 0.2}),
     ],
@@ -249,6 +250,7 @@ def test_timm_unet_resnet18_shape_and_contract(timm, in_ch):
         assert torch.equal(model.head(model.feature_forward(x)), y)
     with torch.no_grad():
         assert model(torch.randn(1, in_ch, 96, 32)).shape == (1, 4, 96, 32)
+        assert model(torch.randn(1, in_ch, 192, 384)).shape == (1, 4, 192, 384)
 
 
 @pytest.mark.parametrize("encoder", ["efficientnet_b0", "convnext_atto"])

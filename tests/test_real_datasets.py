@@ -1,7 +1,8 @@
-"""Real multi-site dataset loaders (prostate, fundus, polyp, vessel) on small fixture trees."""
+"""Real multi-site dataset loaders (prostate, fundus, polyp, vessel, gland) on small fixture trees."""
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from fixtures_data import (
     Tree,
     fundus_mask,
     make_fundus_tree,
+    make_gland_tree,
     make_polyp_tree,
     make_prostate_tree,
     make_vessel_tree,
@@ -31,6 +33,7 @@ from pflbench.data import DataError, make_splits
 from pflbench.dataset import CheckReport, Dataset
 from pflbench.datasets import _io
 from pflbench.datasets.fundus import Fundus
+from pflbench.datasets.gland import Gland
 from pflbench.datasets.polyp import Polyp
 from pflbench.datasets.prostate import Prostate
 from pflbench.datasets.vessel import Vessel
@@ -50,6 +53,7 @@ LOADERS: dict[str, tuple[type[_io.FolderDataset], Callable[[Path], Tree], dict[s
     "fundus": (Fundus, make_fundus_tree, {"size": 32}, 64),
     "polyp": (Polyp, make_polyp_tree, {"size": 32}, 77),
     "vessel": (Vessel, make_vessel_tree, {"size": 32}, 50),
+    "gland": (Gland, make_gland_tree, {"size": 32}, 50),
 }
 
 
@@ -110,7 +114,8 @@ def test_plugin_contract(name: str) -> None:
     assert cls.description and cls.expected_tree
     ds = cls(root="/nonexistent")
     opts = ds.options()
-    assert opts["root"] == "/nonexistent" and opts["size"] == 256
+    default = inspect.signature(cls.__init__).parameters["size"].default
+    assert opts["root"] == "/nonexistent" and opts["size"] == _io.output_size(default, name)
     assert "cache_dir" in opts
 
 
@@ -212,7 +217,7 @@ def test_missing_root_prints_expected_tree(name: str, tmp_path: Path) -> None:
 def test_missing_site_folder_is_malformed(name: str, tmp_path: Path) -> None:
     ds, tree = build(name, tmp_path)
     first = next(iter(tree.cases))
-    site_dir = tree.root / first
+    site_dir = tree.folder(first)
     site_dir.rename(tree.root / f"{first}-moved")
     with pytest.raises(DataError) as err:
         ds.load()
@@ -568,3 +573,97 @@ def test_name_pairing_drops_release_tags(tmp_path: Path) -> None:
     assert problems == [] and [(i.name, m.name) for i, m in pairs] == [
         (i.name, m.name) for i, m in zip(imgs, masks, strict=True)
     ]
+
+
+# ------------------------------------------------------------------------------------------
+# Meibomian gland (MGD-1K + CAMG)
+# ------------------------------------------------------------------------------------------
+
+
+def test_gland_layout_names_and_non_square_size(tmp_path: Path) -> None:
+    tree = make_gland_tree(tmp_path / "g", size=(24, 40))
+    data = Gland(root=str(tree.root), size=[16, 32], cache=False).load()
+    assert data.site_names == ["MGD-1K", "CAMG"]
+    mgd, camg = data.sites
+    assert sorted(mgd.cases) == [f"mgd_{i:02d}" for i in range(6)]  # .JPG, .jpg; a .tif mask
+    assert sorted(camg.cases) == [f"CAMG_Image_{i:02d}" for i in range(6)]  # Image -> Seg
+    for site in data.sites:
+        assert site.images.shape[1:] == (3, 16, 32) and site.labels.shape[1:] == (16, 32)
+        assert set(torch.unique(site.labels).tolist()) == {0, 1}
+    splits = make_splits(data)
+    assert [len(splits["CAMG"][k]) for k in ("train", "val", "test")] == [4, 1, 1]  # 70/10/20
+    assert Gland(root="/x").options()["size"] == [192, 384]  # the benchmark's H×W
+
+
+def test_gland_threshold_100_and_mgd_without_subset(tmp_path: Path) -> None:
+    tree = make_gland_tree(tmp_path / "g", sites={"MGD-1K": 3}, size=(32, 32))
+    _, mask = tree.files["MGD-1K"][0]
+    lab = np.zeros((32, 32), np.uint8)
+    lab[:, :8], lab[:, 8:16], lab[:, 16:24] = 100, 101, 255
+    write_pillow(mask, lab)
+    subset = tree.root / "MGD1k" / "Subset"
+    for child in subset.iterdir():  # MGD1k/Original is accepted as well as MGD1k/Subset/Original
+        child.rename(tree.root / "MGD1k" / child.name)
+    subset.rmdir()
+    ds = Gland(root=str(tree.root), sites=["MGD-1K"], size=32, cache=False)
+    got = ds.load().sites[0].labels[0].numpy()
+    assert (got[:, :8] == 0).all() and (got[:, 8:24] == 1).all() and (got[:, 24:] == 0).all()
+    assert ds.check().problems == [
+        "MGD1k/Meibomian_Gland_Labels/mgd_00.png: unexpected label value(s) 100, 101 "
+        "(the gland encoding expects 0/255)"
+    ]
+
+
+def test_gland_camg_mask_must_follow_the_seg_rule(tmp_path: Path) -> None:
+    tree = make_gland_tree(tmp_path / "g", sites={"CAMG": 4})
+    _, mask = tree.files["CAMG"][2]
+    mask.rename(mask.with_name("CAMG_Mask_02_other.png"))
+    problems = Gland(root=str(tree.root), sites=["CAMG"]).check().problems
+    assert problems == [
+        "CAMG/Original/CAMG_Image_02.png: missing mask (no file named CAMG_Seg_02.* in "
+        "CAMG/Meibomian_Gland_Labels)",
+        "CAMG/Meibomian_Gland_Labels/CAMG_Mask_02_other.png: mask without an image",
+    ]
+
+
+def test_data_check_gland_cli(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pflbench.cli import main
+
+    tree = make_gland_tree(tmp_path / "g")
+    ok = CliRunner().invoke(main, ["data", "check", "gland", "--root", str(tree.root)])
+    assert ok.exit_code == 0, ok.output
+    assert "MGD-1K" in ok.output and "CAMG" in ok.output and "no problems found" in ok.output
+    tree.files["CAMG"][0][1].unlink()
+    write_garbage(tree.files["MGD-1K"][0][0])
+    bad = CliRunner().invoke(main, ["data", "check", "gland", "--root", str(tree.root)])
+    assert bad.exit_code == 1
+    assert "CAMG/Original/CAMG_Image_00.png: missing mask" in bad.output
+    assert "MGD1k/Subset/Original/mgd_00.JPG: unreadable image" in bad.output
+    assert "2 problem(s) found" in bad.output
+
+
+# ------------------------------------------------------------------------------------------
+# Non-square output sizes
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["fundus", "polyp", "vessel", "gland"])
+def test_size_h_w_gives_non_square_images(name: str, tmp_path: Path) -> None:
+    ds, _ = build(name, tmp_path, size=[16, 32], cache=False)
+    for site in ds.load().sites:
+        assert site.images.shape[2:] == (16, 32) and site.labels.shape[1:] == (16, 32)
+
+
+@pytest.mark.parametrize("bad", [0, [16], [16, 0], [16, 32, 3], "256", True, [16.5, 32]])
+def test_bad_size_is_refused_with_the_option_named(bad: Any) -> None:
+    with pytest.raises(
+        DataError, match=r"vessel: option size must be a positive integer or \[H, W\]"
+    ):
+        Vessel(root="/x", size=bad)
+
+
+def test_prostate_size_stays_square() -> None:
+    with pytest.raises(DataError, match="prostate: option size must be one integer"):
+        Prostate(root="/x", size=[192, 384])

@@ -361,7 +361,7 @@ def test_style_augmentation_swaps_every_image_at_p_one(monkeypatch) -> None:
     exchange_bank(m, cs)
     seen = []
 
-    def fake_train(model, batches, opt, extra_loss=None, where=""):
+    def fake_train(model, batches, opt, extra_loss=None, where="", loss_fn=None):
         seen.extend(batches)
         return 0.0, 0
 

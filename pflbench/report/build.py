@@ -18,7 +18,7 @@ import pandas as pd
 
 from pflbench import configs, stats
 
-from . import data, figures, html, latex, markdown, tables
+from . import data, figures, html, latex, markdown, published, tables
 from .data import ReportError, Results
 
 # --------------------------------------------------------------------------- document model
@@ -294,8 +294,11 @@ def build_report(
     perds_t = tables.per_dataset_table(per_dataset, res, reference)
     tvd_t = tables.tuned_default_table(res, practical)
     conf_t = tables.configurations_table(res)
+    pub = published.read(run_dir)
+    pub_tables = published.tables(res, pub) if pub is not None else []
     all_tables = [
-        t for t in [main, *ds_tables, *st_tables, comp_t, pairs_t, perds_t, tvd_t, conf_t]
+        t
+        for t in [main, *ds_tables, *st_tables, comp_t, pairs_t, perds_t, tvd_t, conf_t, *pub_tables]
         if t is not None and not t.cells.empty
     ]  # fmt: skip
     tex_files = latex.write_tables(all_tables, out / "tables")
@@ -435,6 +438,10 @@ def build_report(
                 doc.append(Block("ul", _verdict_items(comp, dec)))
     if not perds_t.cells.empty:
         doc += [Block("h3", "Tests within each dataset"), Block("table", perds_t)]
+    if pub_tables:
+        doc.append(Block("h2", "Published values beside ours"))
+        for t in pub_tables:
+            doc += [Block("h3", t.title), Block("table", t)]
     doc.append(Block("h2", "Figures"))
     for key in ("convergence", "distributions", "heatmap", "bytes", "fairness"):
         if key in figs:
