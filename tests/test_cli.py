@@ -215,7 +215,7 @@ def test_data_check_exits_0_when_clean_1_on_problems_2_on_unusable_input(tmp_pat
     write_pillow(tree.root / "CVC-300" / "masks" / "99.png", np.zeros((32, 40), np.uint8))
     bad = runner.invoke(main, ["data", "check", "polyp", "--root", str(tree.root)])
     assert bad.exit_code == 1, bad.output
-    assert "mask without an image" in bad.output and "1 problem(s) found" in bad.output
+    assert "mask without an image" in bad.output and "1 problem(s):" in bad.output
     unknown = runner.invoke(main, ["data", "check", "polypp", "--root", str(tree.root)])
     assert unknown.exit_code == 2 and "polyp" in unknown.output
     missing = runner.invoke(main, ["data", "check", "polyp", "--root", str(tmp_path / "none")])
