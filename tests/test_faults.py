@@ -1,0 +1,180 @@
+"""Faults a job system must survive without losing or falsifying anything (issue 21): torn
+journals, diverged runs, concurrent runs on one folder, hostile suites and plugins, corrupt
+results fed to the regression gate. Each test reproduces a failure seen on the old code."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from pflbench.results import (
+    RunRecords,
+    ResultsError,
+    claim,
+    clean_leftovers,
+    diverged_runs,
+    iter_runs,
+    load_results,
+    results_dir,
+    write_run,
+)
+from pflbench.storage import JournalError, open_storage, repair_journal, resolve_storage
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+TESTS = Path(__file__).resolve().parent
+
+
+def small_suite(**over: Any) -> dict[str, Any]:
+    """Two sites of 16 px, 2 rounds: about a second per run on one thread."""
+    raw: dict[str, Any] = {
+        "name": "faults",
+        "datasets": [
+            {
+                "name": "synthetic",
+                "options": {"flavour": "prostate", "size": 16, "sites": 2, "images_per_site": [12, 12]},
+            }
+        ],
+        "methods": ["fedavg"],
+        "seeds": [0, 1],
+        "model": {"name": "unet", "options": {"base": 4, "depth": 2}},
+        "protocol": {
+            "rounds": 2,
+            "batch_size": 4,
+            "threads": 1,
+            "device": "cpu",
+            "surface_metrics": False,
+        },
+    }
+    raw.update(over)
+    return raw
+
+
+def cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pflbench.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200", "PYTHONPATH": str(TESTS), **(env or {})},
+        timeout=timeout,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Torn journal
+# ---------------------------------------------------------------------------------------------
+
+
+def _journal_with_history(out: Path, n: int = 5) -> tuple[Path, int]:
+    """A journal holding one study with ``n`` finished trials; returns (path, trial count)."""
+    storage = open_storage(resolve_storage(None, out))
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    for i in range(n):
+        t = study.ask()
+        study.tell(t, float(i))
+    return out / "optuna.journal", n
+
+
+def _trials(out: Path) -> list[optuna.trial.FrozenTrial]:
+    storage = open_storage(resolve_storage(None, out))
+    return optuna.load_study(study_name="s", storage=storage).get_trials()
+
+
+def test_a_torn_journal_tail_is_cut_and_kept_and_the_next_append_works(tmp_path):
+    path, n = _journal_with_history(tmp_path)
+    size = path.stat().st_size
+    os.truncate(path, size - 7)  # a kill or a full disk mid-append (the issue's reproduction)
+    storage = open_storage(resolve_storage(None, tmp_path))
+    study = optuna.load_study(study_name="s", storage=storage)
+    study.tell(study.ask(), 99.0)  # the append that used to glue onto the torn line
+    trials = _trials(tmp_path)  # a fresh reader: every record parses
+    # the torn record was the last tell (COMPLETE of trial n-1): it is lost, nothing else
+    assert [t.value for t in trials[: n - 1]] == [float(i) for i in range(n - 1)]
+    assert trials[-1].value == 99.0
+    torn = Path(str(path) + ".torn").read_bytes()
+    assert b"torn last record" in torn and b'{"op_code"' in torn  # kept, not thrown away
+
+
+def test_a_journal_glued_by_an_older_version_is_split_back_into_whole_records(tmp_path):
+    path, n = _journal_with_history(tmp_path)
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    # a torn record followed by a whole one on the same line: what the old backend wrote
+    glued = lines[-2][: len(lines[-2]) // 2] + lines[-2]
+    path.write_bytes(b"\n".join(lines[:-2] + [glued, b""]))
+    assert len(_trials(tmp_path)) == n
+    assert repair_journal(path) == 0  # already repaired when opened
+
+
+def test_a_journal_damaged_mid_file_is_a_one_line_error_naming_file_and_recovery(tmp_path):
+    path, _ = _journal_with_history(tmp_path)
+    lines = path.read_bytes().split(b"\n")
+    lines[2] = b"garbage that is no record"
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(JournalError) as err:
+        open_storage(resolve_storage(None, tmp_path))
+    msg = str(err.value)
+    assert "\n" not in msg and str(path) in msg and "line 3" in msg and "mv " in msg
+
+
+def test_a_full_disk_mid_append_leaves_no_torn_record(tmp_path, monkeypatch):
+    path, n = _journal_with_history(tmp_path)
+    storage = open_storage(resolve_storage(None, tmp_path))
+    study = optuna.load_study(study_name="s", storage=storage)
+    before = path.read_bytes()
+    import pflbench.storage as storage_mod
+
+    class FullDisk:  # the device fills up halfway through the record
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, b):
+            self.f.write(bytes(b)[: len(b) // 2])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def fake_open(file, mode="r", *a, **kw):
+        f = open(file, mode, *a, **kw)
+        return FullDisk(f) if str(file) == str(path) and "a" in mode else f
+
+    monkeypatch.setattr(storage_mod, "open", fake_open, raising=False)
+    with pytest.raises(OSError, match="No space"):
+        study.ask()
+    monkeypatch.undo()
+    assert path.read_bytes() == before  # the half record was undone
+    study = optuna.load_study(study_name="s", storage=open_storage(resolve_storage(None, tmp_path)))
+    study.tell(study.ask(), 7.0)
+    assert [t.value for t in _trials(tmp_path)] == [*map(float, range(n)), 7.0]
+
+
+def test_cli_names_the_damaged_journal_in_one_line(tmp_path):
+    out = tmp_path / "out"
+    _journal_with_history(out)
+    path = out / "optuna.journal"
+    path.write_bytes(b"not json\n" + path.read_bytes())
+    suite = tmp_path / "s.yaml"
+    suite.write_text(yaml.safe_dump(small_suite(seeds=[0])))
+    res = cli("run", str(suite), "--out", str(out), "--quiet", "--no-report", "--workers", "2")
+    assert res.returncode == 2, res.stderr
+    err = [line for line in res.stderr.splitlines() if "error" in line]
+    assert err and str(path) in " ".join(res.stderr.split()) and "Traceback" not in res.stderr
