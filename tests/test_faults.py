@@ -178,3 +178,94 @@ def test_cli_names_the_damaged_journal_in_one_line(tmp_path):
     assert res.returncode == 2, res.stderr
     err = [line for line in res.stderr.splitlines() if "error" in line]
     assert err and str(path) in " ".join(res.stderr.split()) and "Traceback" not in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Diverged runs
+# ---------------------------------------------------------------------------------------------
+
+BREAKS = "fault_plugins:BreaksAt"
+
+
+def _run_in_process(out: Path, raw: dict[str, Any], monkeypatch) -> None:
+    from pflbench.runner import run_suite
+    from pflbench.suite import parse_suite
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    run_suite(parse_suite(raw, "s.yaml"), out)
+
+
+@pytest.fixture(scope="module")
+def diverged_dir(tmp_path_factory) -> Path:
+    """fedavg; `late` diverges in round 2 for seed 1 only; `early` in round 1 for every seed."""
+    from pflbench.runner import run_suite
+    from pflbench.suite import parse_suite
+
+    sys.path.insert(0, str(TESTS))
+    out = tmp_path_factory.mktemp("diverged")
+    methods = [
+        "fedavg",
+        {"name": BREAKS, "label": "late", "params": {"at": 2, "seed": 1}},
+        {"name": BREAKS, "label": "early", "params": {"at": 1}},
+    ]
+    run_suite(parse_suite(small_suite(methods=methods), "s.yaml"), out)
+    return out
+
+
+def test_diverged_runs_are_listed_with_round_and_reason(diverged_dir):
+    div = diverged_runs(diverged_dir).sort_values(["method", "seed"])
+    got = list(zip(div["method"], div["seed"], div["round"], strict=True))
+    assert got == [("early", 0, 1), ("early", 1, 1), ("late", 1, 2)]
+    assert div["reason"].str.contains("non-finite loss").all()
+
+
+def test_diverged_runs_stay_out_of_the_tables_and_the_summary(diverged_dir):
+    from pflbench.summary import dice_table, write_summary
+
+    cases = load_results(diverged_dir, "cases")
+    assert set(zip(cases["method"], cases["seed"])) == {("fedavg", 0), ("fedavg", 1), ("late", 0)}
+    assert len(load_results(diverged_dir, "cases", diverged=True)) > len(cases)
+    table, _ = dice_table(diverged_dir)
+    assert set(table.index.get_level_values("method")) == {"fedavg", "late"}
+    late = load_results(diverged_dir, "cases").query("method == 'late' and selection == 'best'")
+    late_seed0 = late[late["split"] == "test"].groupby("client")["dice"].mean().mean()
+    assert table.loc[(table.index[0][0], "late"), "mean"] == f"{late_seed0:.3f} ± 0.000"
+    text = write_summary(diverged_dir).read_text()
+    assert "## Diverged runs (3, left out of the table above)" in text
+    assert "late · seed 1: diverged in round 2" in text
+
+
+def test_the_report_lists_diverged_runs_and_never_crashes_on_them(diverged_dir, tmp_path):
+    from pflbench.report import ReportError, build_report
+
+    rep = build_report(diverged_dir, out=tmp_path / "rep")
+    md = (rep / "report.md").read_text()
+    assert "## Diverged runs (3)" in md and "early · seed 0: diverged in round 1" in md
+    assert "Diverged runs (3)" in (rep / "report.html").read_text()
+    # a folder whose only run diverged in round 1 (an empty cases table): a clear error
+    only = tmp_path / "only"
+    only.mkdir()
+    key = next(d for d, m in iter_runs(diverged_dir) if m["method"] == "early")
+    import shutil
+
+    shutil.copytree(key, results_dir(only) / key.name)
+    empty = pd.read_parquet(results_dir(only) / key.name / "cases.parquet")
+    assert empty.empty and empty["dice"].dtype == "float64"  # typed, not object
+    with pytest.raises(ReportError, match="every finished run diverged .*round 1"):
+        build_report(only)
+    res = cli("report", str(only))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "every finished run diverged" in " ".join(res.stderr.split())
+
+
+def test_calibration_leaves_diverged_seeds_out(tmp_path):
+    from test_regress import fake_run
+
+    from pflbench.regress import calibrate
+
+    for seed, dice in ((0, 0.70), (1, 0.72), (2, 0.08)):
+        fake_run(tmp_path, "fedavg", seed, {"s1": dice}, status="diverged" if seed == 2 else "ok")
+    base = calibrate(tmp_path)
+    entry = base["datasets"]["ds"]["fedavg"]
+    assert entry["macro"]["values"] == {"0": 0.70, "1": 0.72}
+    assert entry["diverged"] == [2]
