@@ -247,7 +247,11 @@ class Worker:
                     busy = True  # the gate opens when the tuning study is done
                     continue
             for t in sorted(waiting, key=lambda t: t.number):
-                if self.storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
+                try:
+                    mine = self.storage.set_trial_state_values(t._trial_id, TrialState.RUNNING)
+                except UpdateFinishedTrialError:  # closed since we read it (a dropped duplicate)
+                    continue
+                if mine:
                     self._run(ref, t, tune_trials)
                     return True
         return None if busy else False

@@ -167,6 +167,7 @@ def test_a_full_disk_mid_append_leaves_no_torn_record(tmp_path, monkeypatch):
     assert [t.value for t in _trials(tmp_path)] == [*map(float, range(n)), 7.0]
 
 
+@pytest.mark.slow
 def test_cli_names_the_damaged_journal_in_one_line(tmp_path):
     out = tmp_path / "out"
     _journal_with_history(out)
@@ -212,6 +213,7 @@ def diverged_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_diverged_runs_are_listed_with_round_and_reason(diverged_dir):
     div = diverged_runs(diverged_dir).sort_values(["method", "seed"])
     got = list(zip(div["method"], div["seed"], div["round"], strict=True))
@@ -219,6 +221,7 @@ def test_diverged_runs_are_listed_with_round_and_reason(diverged_dir):
     assert div["reason"].str.contains("non-finite loss").all()
 
 
+@pytest.mark.slow
 def test_diverged_runs_stay_out_of_the_tables_and_the_summary(diverged_dir):
     from pflbench.summary import dice_table, write_summary
 
@@ -235,6 +238,7 @@ def test_diverged_runs_stay_out_of_the_tables_and_the_summary(diverged_dir):
     assert "late · seed 1: diverged in round 2" in text
 
 
+@pytest.mark.slow
 def test_the_report_lists_diverged_runs_and_never_crashes_on_them(diverged_dir, tmp_path):
     from pflbench.report import ReportError, build_report
 
@@ -269,3 +273,202 @@ def test_calibration_leaves_diverged_seeds_out(tmp_path):
     entry = base["datasets"]["ds"]["fedavg"]
     assert entry["macro"]["values"] == {"0": 0.70, "1": 0.72}
     assert entry["diverged"] == [2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Finished results: never replaced, checked when read; the gate refuses what it cannot trust
+# ---------------------------------------------------------------------------------------------
+
+
+def _records(value: float) -> RunRecords:
+    cases = pd.DataFrame(
+        {
+            "selection": ["best"],
+            "round": [1],
+            "client": ["a"],
+            "split": ["test"],
+            "case_id": ["c"],
+            "structure": ["x"],
+            "dice": [value],
+            "iou": [value],
+            "hd95": [1.0],
+            "assd": [1.0],
+        }
+    )
+    manifest = {"run_key": "k", "dataset": "d", "method": "m", "label": "fixed", "seed": 0}
+    return RunRecords(pd.DataFrame(), pd.DataFrame(), cases, manifest)
+
+
+def test_a_done_folder_is_never_replaced_and_crash_leftovers_are_cleaned(tmp_path):
+    first = write_run(tmp_path, "k", _records(0.5))
+    done = (first / "DONE").stat().st_mtime_ns
+    write_run(tmp_path, "k", _records(0.9))  # a racing second writer of the same run
+    assert load_results(tmp_path)["dice"].tolist() == [0.5]
+    assert (first / "DONE").stat().st_mtime_ns == done
+    assert not [d for d in results_dir(tmp_path).iterdir() if d.name.startswith(".k.")]
+    leftover = results_dir(tmp_path) / ".k.crashed"
+    leftover.mkdir()
+    (leftover / "rounds.parquet").write_bytes(b"half")
+    with claim(tmp_path, "k"):  # a live writer holds the run: its folder stays
+        assert clean_leftovers(tmp_path) == 0
+    assert leftover.exists()
+    assert clean_leftovers(tmp_path) == 1 and not leftover.exists()
+
+
+def test_results_are_readable_by_others_whatever_mkdtemp_does(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = write_run(tmp_path, "k", _records(0.5))
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o755
+
+
+@pytest.mark.parametrize("damage", ["truncate", "rewrite", "manifest"])
+def test_a_damaged_table_is_an_error_naming_the_file_and_the_repair(tmp_path, damage):
+    path = write_run(tmp_path, "k", _records(0.5))
+    table = path / "cases.parquet"
+    if damage == "truncate":
+        table.write_bytes(table.read_bytes()[:-20])
+    elif damage == "rewrite":  # valid Parquet, other rows: only the recorded hash tells
+        pd.concat([_records(0.5).cases] * 2).to_parquet(table, index=False)
+    else:
+        (path / "manifest.json").write_text("{garbage")
+    with pytest.raises(ResultsError) as err:
+        load_results(tmp_path)
+    msg = str(err.value)
+    assert str(path) in msg and "delete" in msg and "\n" not in msg
+
+
+@pytest.fixture
+def gate(tmp_path):
+    """A three-seed calibration folder, its baseline, and a copy to damage."""
+    import shutil
+
+    from test_regress import CALIBRATION, write_calibration
+
+    from pflbench.regress import calibrate, write_baseline
+
+    calib = write_calibration(tmp_path / "calib")
+    base = write_baseline(calibrate(calib), tmp_path / "b.json")
+    now = tmp_path / "now"
+    shutil.copytree(calib, now)
+    assert len(CALIBRATION["fedavg"]) == 3
+    return now, base
+
+
+def _gate(now: Path, base: Path) -> tuple[int, str]:
+    from rich.console import Console
+
+    from pflbench.regress import main_regress
+
+    con = Console(record=True, width=400, force_terminal=False)
+    rc = main_regress(now, base, console=con)
+    return rc, con.export_text()
+
+
+def test_the_gate_refuses_a_run_folder_missing_a_seed(gate):
+    import shutil
+
+    now, base = gate
+    assert _gate(now, base)[0] == 0
+    victim = next(d for d, m in iter_runs(now) if m["method"] == "fedbn" and m["seed"] == 1)
+    shutil.rmtree(victim)  # the issue: one DONE deleted → "passed: 12 ok"
+    rc, text = _gate(now, base)
+    assert rc == 2 and "incomplete" in text and "ds/fedbn seed(s) 1" in text
+
+
+def test_the_gate_refuses_a_rewritten_or_truncated_table(gate):
+    now, base = gate
+    victim = next(d for d, m in iter_runs(now) if m["method"] == "fedavg")
+    cases = pd.read_parquet(victim / "cases.parquet")
+    cases[cases["client"] == "s1"].to_parquet(victim / "cases.parquet")  # one site's rows
+    rc, text = _gate(now, base)
+    assert rc == 2 and "cases.parquet" in text and "Traceback" not in text
+    (victim / "cases.parquet").write_bytes(b"PAR1 not really")
+    rc, text = _gate(now, base)
+    assert rc == 2 and str(victim.name) in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Concurrent invocations on one folder
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_two_runs_on_one_folder_run_every_cell_once_and_done_never_vanishes(tmp_path):
+    suite = tmp_path / "s.yaml"
+    suite.write_text(yaml.safe_dump(small_suite(methods=["fedavg", "local"])))
+    out = tmp_path / "out"
+    cmd = ["run", str(suite), "--out", str(out), "--quiet", "--no-report"]
+    seen: dict[str, bool] = {}
+    vanished: list[str] = []
+    stop = threading.Event()
+
+    def monitor() -> None:  # a reader polling while both write
+        while not stop.is_set():
+            base = results_dir(out)
+            names = [d.name for d in base.iterdir()] if base.exists() else []
+            now = {n for n in names if not n.startswith(".") and (base / n / "DONE").exists()}
+            vanished.extend(k for k in seen if k not in now)
+            seen.update(dict.fromkeys(now, True))
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=monitor, daemon=True)
+    watcher.start()
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pflbench.cli", *cmd],
+            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    stop.set()
+    watcher.join()
+    assert all(p.returncode == 0 for p in procs), outputs
+    import re
+
+    done = [re.search(r"(\d+) runs \((\d+) already done\)", o[1]) for o in outputs]
+    trained = sum(int(m.group(1)) - int(m.group(2)) for m in done)
+    assert trained == 4  # 2 methods × 2 seeds, each trained by exactly one of the two
+    assert len(list(iter_runs(out))) == 4 and not vanished
+
+
+def test_racing_healers_enqueue_each_missing_cell_once(tmp_path):
+    from optuna.trial import TrialState
+
+    from pflbench.suite import parse_suite
+    from pflbench.tuning import _alive_cells, ensure_sweep
+
+    suite = parse_suite(small_suite(seeds=[0, 1, 2]), "s.yaml")
+    races, doubles = 10, 0
+    for race in range(races):
+        out = tmp_path / f"r{race}"
+        storage = open_storage(resolve_storage(None, out))
+        (ref,) = ensure_sweep(storage, suite)
+        study = optuna.load_study(study_name=ref.name, storage=storage)
+        for t in study.get_trials()[:2]:  # two cells whose retries are used up
+            storage.set_trial_state_values(t._trial_id, TrialState.RUNNING)
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        barrier = threading.Barrier(2)
+
+        def heal() -> None:
+            s = open_storage(resolve_storage(None, out))
+            barrier.wait()
+            ensure_sweep(s, suite, heal=True)
+
+        threads = [threading.Thread(target=heal) for _ in range(2)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        trials = study.get_trials()
+        waiting = [t.user_attrs["cell"] for t in trials if t.state == TrialState.WAITING]
+        doubles += len(waiting) != len(set(waiting))
+        assert _alive_cells(trials) == {c["cell"] for c in ref.cells(suite)}
+    assert doubles == 0, f"{doubles} of {races} races enqueued a cell twice"
