@@ -24,7 +24,7 @@ from pflbench import __version__
 from pflbench.data import FederatedData, make_splits, splits_fingerprint
 from pflbench.engine import EvalCallback, Federation, RoundCallback, build_method
 from pflbench.params import resolve_params
-from pflbench.registry import get_dataset, get_method
+from pflbench.registry import get_dataset, get_method, registry
 from pflbench.results import (
     RunRecords,
     claim,
@@ -62,7 +62,7 @@ class RunSpec:
                 "split_seed": self.dataset.split_seed,
             },
             "data_fingerprint": data_fingerprint,
-            "method": self.method.name,
+            "method": self.method.name.partition("@")[0],  # the class is in "plugins"
             "params": params,
             "seed": self.seed,
             "protocol": self.protocol.model_dump(
@@ -71,7 +71,23 @@ class RunSpec:
             "model": self.model.model_dump(mode="json"),
             "mode": self.mode,
             "version": __version__,
+            # a plugin from another distribution: its name and version (a shadowing plugin
+            # never shares a run key with the built-in it shadows)
+            **({"plugins": plugins} if (plugins := self.foreign_plugins()) else {}),
         }
+
+    def plugins(self) -> dict[str, dict[str, Any]]:
+        """Distribution, version and object path of the method, dataset and model classes."""
+        return {
+            "method": registry("methods").provenance(self.method.name),
+            "dataset": registry("datasets").provenance(self.dataset.name),
+            "model": registry("models").provenance(self.model.name),
+        }
+
+    def foreign_plugins(self) -> dict[str, dict[str, Any]]:
+        """:meth:`plugins` without pflbench's own (their version is in the key already, so
+        built-in run keys stay what they were)."""
+        return {k: v for k, v in self.plugins().items() if v["distribution"] != "pflbench"}
 
     def key(self, data_fingerprint: str) -> str:
         blob = json.dumps(self.semantic(data_fingerprint), sort_keys=True, default=str)
@@ -212,6 +228,7 @@ def _train(
         "model": spec.model.model_dump(mode="json"),
         "mode": spec.mode,
         "data_fingerprint": fingerprint,
+        "plugins": spec.plugins(),
         "sites": data.site_names,
         "structures": list(data.structures),
         "case_level": data.case_level,

@@ -37,6 +37,31 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: A label names folders, files and study names: letters, digits and ``_ . + = @ -``, starting
+#: with a letter or digit (a leading dot would hide the results), at most :data:`LABEL_MAX` long.
+LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=@-]*")
+LABEL_MAX = 64
+
+
+def _check_label(value: str | None) -> str | None:
+    if value is None:
+        return value
+    if len(value) > LABEL_MAX:
+        raise PydanticCustomError(
+            "label",
+            "label is {n} characters long; at most {max} are allowed",
+            {"n": len(value), "max": LABEL_MAX},
+        )
+    if not LABEL_RE.fullmatch(value):
+        raise PydanticCustomError(
+            "label",
+            "label '{v}' must start with a letter or digit and hold only letters, digits and "
+            "_ . + = @ - (it names result folders and study names)",
+            {"v": value},
+        )
+    return value
+
+
 def _name_or_mapping(value: Any) -> Any:
     """A bare name is short for ``{name: NAME}`` (datasets, methods, models)."""
     if isinstance(value, str):
@@ -51,6 +76,7 @@ class DatasetSpec(_Strict):
     split_seed: int = 0
 
     _short = model_validator(mode="before")(_name_or_mapping)
+    _label = field_validator("label")(_check_label)
 
     @property
     def key(self) -> str:
@@ -63,6 +89,7 @@ class MethodSpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
     _short = model_validator(mode="before")(_name_or_mapping)
+    _label = field_validator("label")(_check_label)
 
     @property
     def key(self) -> str:

@@ -472,3 +472,86 @@ def test_racing_healers_enqueue_each_missing_cell_once(tmp_path):
         doubles += len(waiting) != len(set(waiting))
         assert _alive_cells(trials) == {c["cell"] for c in ref.cells(suite)}
     assert doubles == 0, f"{doubles} of {races} races enqueued a cell twice"
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile suites and plugins
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_suite_cannot_name_a_callable_that_is_not_a_plugin_class(tmp_path, monkeypatch):
+    from fault_plugins import NotAMethod
+
+    from pflbench.suite import SuiteError, parse_suite
+
+    monkeypatch.syspath_prepend(str(TESTS))
+    marker = tmp_path / "ran"
+    hostile = {"name": "subprocess:getoutput", "params": {"cmd": f"touch {marker}"}}
+    for methods in ([hostile], [{"name": "fault_plugins:NotAMethod"}]):
+        with pytest.raises(SuiteError, match=r"methods\[0\]: .*not a subclass of pflbench"):
+            parse_suite(small_suite(methods=methods), "s.yaml")
+    assert not marker.exists() and NotAMethod.built == 0
+    for key, value in (("model", "os:system"), ("datasets", ["shutil:rmtree"])):
+        with pytest.raises(SuiteError, match="not a subclass"):
+            parse_suite(small_suite(**{key: value}), "s.yaml")
+
+
+@pytest.mark.parametrize("label", [".hidden", "../x", "a/b", "x" * 300, "-dash", "sp ace"])
+def test_labels_that_would_hide_or_break_result_folders_are_refused(label):
+    from pflbench.suite import SuiteError, parse_suite
+
+    for key in ("methods", "datasets"):
+        raw = small_suite()
+        entry = raw[key][0]
+        raw[key] = [{**({"name": entry} if isinstance(entry, str) else entry), "label": label}]
+        with pytest.raises(SuiteError, match=rf"s.yaml: {key}\[0\]\.label: label"):
+            parse_suite(raw, "s.yaml")
+
+
+def _shadow(root: Path) -> Path:
+    """An installed distribution `evil-pfl` 6.6 that registers a method called `fedavg`."""
+    (root / "evil_pfl.py").write_text(
+        "from pflbench.method import Method\n\nclass FedAvg(Method):\n    name = 'fedavg'\n"
+    )
+    info = root / "evil_pfl-6.6.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: evil-pfl\nVersion: 6.6\n")
+    (info / "entry_points.txt").write_text("[pflbench.methods]\nfedavg = evil_pfl:FedAvg\n")
+    return root
+
+
+def test_a_plugin_shadowing_a_builtin_is_an_error_naming_both_unless_one_is_selected(
+    tmp_path, monkeypatch
+):
+    from pflbench.registry import Registry, RegistryError
+    from pflbench.runner import RunSpec
+    from pflbench.suite import parse_suite
+
+    monkeypatch.syspath_prepend(str(_shadow(tmp_path)))
+    reg = Registry("methods")
+    with pytest.raises(RegistryError) as err:
+        reg.load("fedavg")
+    msg = str(err.value)
+    assert "pflbench 0.1.0 (pflbench.methods.fedavg:FedAvg)" in msg
+    assert "evil-pfl 6.6 (evil_pfl:FedAvg)" in msg and "'fedavg@evil-pfl'" in msg
+    assert reg.load("fedavg@evil-pfl").__module__ == "evil_pfl"
+    assert reg.load("fedavg@pflbench").__module__ == "pflbench.methods.fedavg"
+    # the registry the suites use: a suite naming plain `fedavg` is refused, a selection runs
+    import pflbench.registry as registry_mod
+
+    monkeypatch.setattr(registry_mod, "_REGISTRIES", {})
+    with pytest.raises(ValueError, match="registered twice"):
+        parse_suite(small_suite(), "s.yaml")
+    specs = {}
+    for choice in ("fedavg@pflbench", "fedavg@evil-pfl"):
+        suite = parse_suite(small_suite(methods=[choice]), "s.yaml")
+        specs[choice] = RunSpec(suite.datasets[0], suite.methods[0], 0, suite.protocol, suite.model)
+    evil = specs["fedavg@evil-pfl"]
+    assert evil.plugins()["method"] == {
+        "distribution": "evil-pfl",
+        "version": "6.6",
+        "value": "evil_pfl:FedAvg",
+    }
+    assert evil.semantic("fp")["plugins"]["method"]["distribution"] == "evil-pfl"
+    assert "plugins" not in specs["fedavg@pflbench"].semantic("fp")  # built-in keys unchanged
+    assert evil.key("fp") != specs["fedavg@pflbench"].key("fp")
