@@ -555,3 +555,24 @@ def test_a_plugin_shadowing_a_builtin_is_an_error_naming_both_unless_one_is_sele
     assert evil.semantic("fp")["plugins"]["method"]["distribution"] == "evil-pfl"
     assert "plugins" not in specs["fedavg@pflbench"].semantic("fp")  # built-in keys unchanged
     assert evil.key("fp") != specs["fedavg@pflbench"].key("fp")
+
+
+# ---------------------------------------------------------------------------------------------
+# Secrets and signals
+# ---------------------------------------------------------------------------------------------
+
+
+def test_child_workers_get_the_storage_url_by_environment_not_argv(tmp_path):
+    import psutil
+
+    from pflbench.pool import start_children, stop_children
+
+    url = "postgresql+psycopg://bench:s3cret-pw@db.example:5432/sweeps"
+    procs = start_children(str(tmp_path / "s.yaml"), tmp_path, url, 2)
+    try:
+        (child,) = procs
+        proc = psutil.Process(child.pid)
+        assert not any("s3cret" in arg for arg in proc.cmdline())
+        assert proc.environ().get("PFLBENCH_STORAGE") == url
+    finally:
+        stop_children(procs)
