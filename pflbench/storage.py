@@ -264,8 +264,18 @@ def check_workers(config: StorageConfig, workers: int, joining: bool = False) ->
 # ---------------------------------------------------------------------------------------------
 
 
+def _refused_login(exc: BaseException) -> bool:
+    """A wrong password or unknown user/database: waiting will not fix it."""
+    text = str(exc)
+    return any(
+        s in text
+        for s in ("password authentication failed", "does not exist", "no password supplied")
+    )
+
+
 def is_transient(exc: BaseException) -> bool:
-    """A lost or refused database connection (worth retrying), not a bad request."""
+    """A lost or refused database connection (worth retrying), not a bad request nor a refused
+    login (a wrong password is reported at once, not retried for minutes like an outage)."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
@@ -276,6 +286,8 @@ def is_transient(exc: BaseException) -> bool:
         if mod.startswith("sqlalchemy"):
             from sqlalchemy import exc as sa_exc
 
+            if _refused_login(e):
+                return False
             if isinstance(
                 e, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError)
             ):
@@ -287,6 +299,8 @@ def is_transient(exc: BaseException) -> bool:
         if mod.startswith("psycopg"):
             import psycopg
 
+            if _refused_login(e):
+                return False
             if isinstance(e, (psycopg.OperationalError, psycopg.InterfaceError)):
                 return True
         e = e.__cause__ or e.__context__
@@ -511,8 +525,75 @@ def open_storage(config: StorageConfig, options: StorageOptions | None = None) -
             ),
         )
 
-    inner = retry_call(build, timeout_s=options.retry_timeout_s, what=config.display)
+    def build_serialized() -> BaseStorage:
+        with _schema_lock(config):
+            return _retry_schema_race(build)
+
+    inner = retry_call(build_serialized, timeout_s=options.retry_timeout_s, what=config.display)
     return RetryingStorage(inner, options.retry_timeout_s)
+
+
+#: Key of the PostgreSQL advisory lock held while Optuna creates or checks its tables.
+_SCHEMA_LOCK_KEY = 0x7066_6C62  # "pflb"
+
+
+class _schema_lock:
+    """Workers starting together on a fresh PostgreSQL database would each create Optuna's
+    tables and all but one fail (``UniqueViolation … pg_type_typname_nsp_index``, the race known
+    upstream): an advisory lock makes them take turns. Other dialects need none."""
+
+    def __init__(self, config: StorageConfig) -> None:
+        self.config = config
+        self.engine: Any = None
+        self.conn: Any = None
+
+    def __enter__(self) -> None:
+        if self.config.dialect != "postgresql":
+            return
+        import sqlalchemy
+        from sqlalchemy.pool import NullPool
+
+        self.engine = sqlalchemy.create_engine(self.config.url, poolclass=NullPool)
+        self.conn = self.engine.connect()
+        self.conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
+
+    def __exit__(self, *exc: object) -> None:
+        if self.conn is None:
+            return
+        import sqlalchemy
+
+        try:
+            self.conn.execute(
+                sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _SCHEMA_LOCK_KEY}
+            )
+        except Exception:
+            pass  # closing the session releases it as well
+        finally:
+            self.conn.close()
+            self.engine.dispose()
+
+
+def is_schema_race(exc: BaseException) -> bool:
+    """The error a concurrent ``CREATE TABLE`` of the same table raises in PostgreSQL."""
+    text = f"{type(exc).__name__}: {exc}"
+    if "DuplicateTable" in text:
+        return True
+    return "UniqueViolation" in text and (
+        "pg_type_typname_nsp_index" in text or "already exists" in text
+    )
+
+
+def _retry_schema_race(build: Callable[[], T], attempts: int = 5) -> T:
+    """Retry ``build`` on the schema-creation race (a peer without the lock, e.g. an older
+    pflbench or optuna-dashboard creating the tables); the second try finds them made."""
+    for i in range(attempts):
+        try:
+            return build()
+        except Exception as exc:
+            if i == attempts - 1 or not is_schema_race(exc):
+                raise
+            time.sleep(0.2 * (i + 1))
+    raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,7 +43,12 @@ def small_suite(**over: Any) -> dict[str, Any]:
         "datasets": [
             {
                 "name": "synthetic",
-                "options": {"flavour": "prostate", "size": 16, "sites": 2, "images_per_site": [12, 12]},
+                "options": {
+                    "flavour": "prostate",
+                    "size": 16,
+                    "sites": 2,
+                    "images_per_site": [12, 12],
+                },
             }
         ],
         "methods": ["fedavg"],
@@ -576,3 +581,61 @@ def test_child_workers_get_the_storage_url_by_environment_not_argv(tmp_path):
         assert proc.environ().get("PFLBENCH_STORAGE") == url
     finally:
         stop_children(procs)
+
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL first start
+# ---------------------------------------------------------------------------------------------
+
+PG_URL = os.environ.get("PFLBENCH_TEST_PG_URL")
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+@pytest.mark.skipif(not PG_URL, reason="PFLBENCH_TEST_PG_URL is not set (no PostgreSQL server)")
+def test_three_workers_started_at_once_on_a_fresh_database_all_finish(tmp_path):
+    import uuid
+
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+    from test_workers import assert_every_run_once, write_suite, worker_env
+
+    from pflbench.suite import load_suite
+
+    name = f"pflbench_fresh_{uuid.uuid4().hex[:8]}"
+    admin = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as c:
+        c.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    url = make_url(PG_URL).set(database=name).render_as_string(hide_password=False)
+    try:
+        suite_path = write_suite(tmp_path, "pgfresh", seeds=(0, 1), methods=("fedavg",), rounds=1)
+        out = tmp_path / "out"
+        cmd = [sys.executable, "-m", "pflbench.cli", "worker", str(suite_path), "--out", str(out)]
+        cmd += ["--threads", "1", "--quiet"]
+        env = worker_env(PFLBENCH_STORAGE=url)
+        procs = [
+            subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True) for _ in range(3)
+        ]
+        errs = [p.communicate(timeout=300)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0, 0], errs
+        assert not any("UniqueViolation" in e for e in errs)
+        storage = open_storage(resolve_storage(url, out))
+        assert_every_run_once(out, storage, load_suite(suite_path))
+    finally:
+        with admin.connect() as c:
+            c.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.skipif(not PG_URL, reason="PFLBENCH_TEST_PG_URL is not set (no PostgreSQL server)")
+def test_a_wrong_database_is_reported_at_once_not_retried_like_an_outage():
+    from sqlalchemy.engine import make_url
+
+    from pflbench.storage import StorageOptions
+
+    url = make_url(PG_URL).set(database="no_such_db_pflbench").render_as_string(False)
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match="does not exist"):
+        open_storage(resolve_storage(url, "."), StorageOptions(retry_timeout_s=60))
+    assert time.monotonic() - t0 < 30
