@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pflbench.registry import RegistryError, registry
-from pflbench.suite import Suite, SuiteError, load_suite, peek_suite
+from pflbench.suite import MAX_WORKERS, Suite, SuiteError, load_suite, peek_suite
 
 console = Console(stderr=True)
 # wide tables stay readable in logs and pipes (rich would otherwise wrap them at 80 columns)
@@ -24,7 +25,23 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Ctrl-C (or SIGTERM to ``run``) ends with exit 130, the shell's code for an interrupt,
+    instead of click's "Aborted!" and 1; finished runs are on disk already."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            console.print("interrupted: finished runs are kept; the same command resumes")
+            ctx.exit(130)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pflbench")
 def main() -> None:
     """Personalized federated learning benchmarks for multi-site medical image segmentation."""
@@ -53,7 +70,7 @@ def default_out(suite: Suite, suite_path: str) -> Path:
 @click.option("--no-report", is_flag=True, help="Skip the report at the end.")
 @click.option(
     "--workers",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_WORKERS),
     help="Local worker processes taking runs from the storage queue; CPU threads (or GPUs) "
     "are split between them. Default: the suite's `workers` (1 unless it says otherwise).",
 )
@@ -80,11 +97,16 @@ def run(
     """
     from pflbench.pool import resolve_workers, start_children, stop_children
 
+    # SIGTERM (a scheduler's stop) unwinds like Ctrl-C: child workers are stopped, each closing
+    # its trial for a retry, and the exit code is 130
+    signal.signal(signal.SIGTERM, _terminate)
+
     # Children first, so that their imports overlap ours (they wait until the sweep exists); the
     # suite's own `workers` is read from the raw file here, and checked after validation.
     raw = peek_suite(suite_path)
     requested = workers if workers is not None else raw.get("workers", 1)
-    n = resolve_workers(requested, (raw.get("protocol") or {}).get("threads"))
+    protocol = raw.get("protocol")
+    n = resolve_workers(requested, protocol.get("threads") if isinstance(protocol, dict) else None)
     children = start_children(suite_path, out, storage, n) if n > 1 else None
     suite = _load(suite_path)
     requested = workers if workers is not None else suite.workers

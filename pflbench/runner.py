@@ -28,6 +28,7 @@ from pflbench.registry import get_dataset, get_method, registry
 from pflbench.results import (
     RunRecords,
     claim,
+    clean_leftovers,
     is_done,
     read_manifest,
     write_alias,
@@ -276,6 +277,7 @@ def run_suite(
     A cell another process is running (a second ``pflbench run`` on the same folder) is put off
     to the end and then waited for, so two invocations share the cells instead of repeating
     them."""
+    clean_leftovers(out)  # temporary folders of writers that crashed
     cache = DataCache()
     cells = plan(suite)
     keys: list[str | None] = [None] * len(cells)

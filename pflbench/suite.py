@@ -28,6 +28,10 @@ from pydantic_core import PydanticCustomError
 from pflbench.params import ParamError
 from pflbench.registry import RegistryError, registry
 
+#: Most worker processes one ``pflbench run`` starts (each imports torch and holds a model);
+#: more machines join with ``pflbench worker`` instead.
+MAX_WORKERS = 256
+
 
 class SuiteError(ValueError):
     """A suite that cannot run; the message names the file and key."""
@@ -259,8 +263,10 @@ class Suite(_Strict):
     @field_validator("workers")
     @classmethod
     def _positive_workers(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise PydanticCustomError("workers", "must be ≥ 1 or 'auto', got {v}", {"v": v})
+        if isinstance(v, int) and not 1 <= v <= MAX_WORKERS:
+            raise PydanticCustomError(
+                "workers", "must be 1 to {max} or 'auto', got {v}", {"v": v, "max": MAX_WORKERS}
+            )
         return v
 
     @field_validator("tuning")
@@ -410,12 +416,86 @@ def _check_options(cls: type, options: dict[str, Any]) -> str | None:
     return None
 
 
+#: Deepest nesting a suite file may have (a real suite needs about 6; PyYAML would recurse
+#: until the interpreter gives up).
+MAX_DEPTH = 64
+
+
+class _SuiteLoader(yaml.SafeLoader):
+    """Safe YAML with what a suite never needs refused, each as an error with a line number:
+    duplicate keys (the second silently won), anchors and aliases (a few lines of them expand
+    to billions of nodes once walked), nesting deeper than :data:`MAX_DEPTH`."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                "anchors and aliases (&name, *name) are not supported in suites",
+                event.start_mark,
+            )
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"nested deeper than {MAX_DEPTH} levels",
+                    self.peek_event().start_mark,
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                dup = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if dup:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """The parsed file, or a one-line :class:`SuiteError` naming the file (and line) and what is
+    wrong: not UTF-8, malformed YAML, duplicate keys, aliases, too deep."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise SuiteError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start}); save the suite as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise SuiteError(f"{path}: cannot read the suite file: {exc.strerror}") from None
+    try:
+        return yaml.load(text, Loader=_SuiteLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).replace("\n", " ")
+        raise SuiteError(f"{where}: malformed YAML: {problem}") from None
+    except RecursionError:
+        raise SuiteError(f"{path}: malformed YAML: nested too deeply") from None
+
+
 def peek_suite(path: str | Path) -> dict[str, Any]:
     """The suite file's raw mapping, unvalidated, or {} if it cannot be read: for the decisions
     ``pflbench run`` takes before the (slower) validation, which reports any problem later."""
     try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError):
+        raw = read_yaml(Path(path))
+    except SuiteError:
         return {}
     return raw if isinstance(raw, dict) else {}
 
@@ -425,11 +505,4 @@ def load_suite(path: str | Path) -> Suite:
     path = Path(path)
     if not path.is_file():
         raise SuiteError(f"{path}: no such suite file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SuiteError(f"{where}: malformed YAML: {problem}") from None
-    return parse_suite(raw, str(path))
+    return parse_suite(read_yaml(path), str(path))

@@ -39,6 +39,7 @@ from pflbench.pool import (
     stop_children,
     thread_share,
 )
+from pflbench.results import clean_leftovers
 from pflbench.runner import DataCache, execute
 from pflbench.storage import (
     StorageConfig,
@@ -170,6 +171,7 @@ class Worker:
             offset = int(hashlib.sha256(self.identity.encode()).hexdigest()[:8], 16) % 10**6 + 1
         else:
             offset = 7919 * index
+        clean_leftovers(self.out)  # temporary folders of writers that crashed
         self.refs = ensure_sweep(storage, suite, heal=heal, log=self.log)
         self.studies: dict[str, optuna.Study] = {}
         for ref in self.refs:

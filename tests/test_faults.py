@@ -5,7 +5,6 @@ results fed to the regression gate. Each test reproduces a failure seen on the o
 from __future__ import annotations
 
 import errno
-import json
 import os
 import subprocess
 import sys
@@ -20,8 +19,8 @@ import pytest
 import yaml
 
 from pflbench.results import (
-    RunRecords,
     ResultsError,
+    RunRecords,
     claim,
     clean_leftovers,
     diverged_runs,
@@ -598,7 +597,7 @@ def test_three_workers_started_at_once_on_a_fresh_database_all_finish(tmp_path):
 
     import sqlalchemy
     from sqlalchemy.engine import make_url
-    from test_workers import assert_every_run_once, write_suite, worker_env
+    from test_workers import assert_every_run_once, worker_env, write_suite
 
     from pflbench.suite import load_suite
 
@@ -639,3 +638,100 @@ def test_a_wrong_database_is_reported_at_once_not_retried_like_an_outage():
     with pytest.raises(Exception, match="does not exist"):
         open_storage(resolve_storage(url, "."), StorageOptions(retry_timeout_s=60))
     assert time.monotonic() - t0 < 30
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_run_with_workers_stops_its_children_and_exits_130(tmp_path):
+    import psutil
+
+    suite = tmp_path / "s.yaml"
+    raw = small_suite(seeds=[0, 1, 2, 3])
+    raw["protocol"]["rounds"] = 6
+    suite.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pflbench.cli", "run", str(suite), "--out", str(out)]
+    cmd += ["--quiet", "--no-report", "--workers", "2"]
+    parent = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    children: list[psutil.Process] = []
+    journal = out / "optuna.journal"
+    while time.monotonic() < deadline:  # both workers are taking trials
+        children = psutil.Process(parent.pid).children()
+        if children and journal.exists() and b'"worker"' in journal.read_bytes():
+            break
+        time.sleep(0.2)
+    assert children, "no child worker started"
+    parent.send_signal(subprocess.signal.SIGTERM)
+    _, err = parent.communicate(timeout=120)
+    assert parent.returncode == 130, err
+    assert "Traceback" not in err
+    gone, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive, f"children still running: {alive}"
+    # nothing lost: the same command finishes the sweep, every cell DONE once
+    cmd_again = cmd[:]
+    res = subprocess.run(cmd_again, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert sorted(m["seed"] for _, m in iter_runs(out)) == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_and_keeps_finished_runs(tmp_path):
+    suite = tmp_path / "s.yaml"
+    suite.write_text(yaml.safe_dump(small_suite(seeds=[0, 1, 2])))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "pflbench.cli", "run", str(suite), "--out", str(out)]
+    proc = subprocess.Popen([*cmd, "--quiet", "--no-report"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not list(iter_runs(out)):
+        time.sleep(0.1)
+    proc.send_signal(subprocess.signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    assert list(iter_runs(out))
+
+
+# ---------------------------------------------------------------------------------------------
+# Suite files: one-line errors for what YAML allows and a suite never needs
+# ---------------------------------------------------------------------------------------------
+
+HOSTILE_YAML = {
+    "duplicate key": (b"name: a\nname: b\n", r":2:1: malformed YAML: duplicate key 'name'"),
+    "alias bomb": (
+        b"name: x\nmethods: [{name: fedavg, params: &a {p: [1, 1, 1, 1, 1, 1, 1, 1, 1]}}]\n"
+        b"b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\n",
+        "anchors and aliases",
+    ),
+    "deep nesting": (b"name: " + b"[" * 5000 + b"]" * 5000 + b"\n", "nested deeper than 64"),
+    "bad utf-8": (b"name: caf\xe9\n", r":1: not UTF-8 text \(byte 0xe9"),
+    "non-mapping protocol": (
+        b"name: a\nprotocol: [1]\ndatasets: [synthetic]\nmethods: [fedavg]\nseeds: [0]\n",
+        r"protocol: Input should be a valid dictionary",
+    ),
+    "workers": (
+        yaml.safe_dump(small_suite(workers=100000)).encode(),
+        r"workers: must be 1 to 256 or 'auto', got 100000",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_YAML))
+def test_hostile_suite_files_are_one_line_errors(tmp_path, case):
+    from pflbench.suite import SuiteError, load_suite
+
+    data, pattern = HOSTILE_YAML[case]
+    path = tmp_path / "s.yaml"
+    path.write_bytes(data)
+    t0 = time.monotonic()
+    with pytest.raises(SuiteError, match=pattern) as err:
+        load_suite(path)
+    assert str(path) in str(err.value) and "\n" not in str(err.value)
+    assert time.monotonic() - t0 < 5  # no alias expansion
+
+
+def test_cli_refuses_a_non_mapping_protocol_without_a_traceback(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_bytes(HOSTILE_YAML["non-mapping protocol"][0])
+    res = cli("run", str(path), "--out", str(tmp_path / "o"), "--quiet")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "protocol" in res.stderr
