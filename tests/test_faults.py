@@ -230,7 +230,11 @@ def test_diverged_runs_stay_out_of_the_tables_and_the_summary(diverged_dir):
     from pflbench.summary import dice_table, write_summary
 
     cases = load_results(diverged_dir, "cases")
-    assert set(zip(cases["method"], cases["seed"])) == {("fedavg", 0), ("fedavg", 1), ("late", 0)}
+    assert set(zip(cases["method"], cases["seed"], strict=True)) == {
+        ("fedavg", 0),
+        ("fedavg", 1),
+        ("late", 0),
+    }
     assert len(load_results(diverged_dir, "cases", diverged=True)) > len(cases)
     table, _ = dice_table(diverged_dir)
     assert set(table.index.get_level_values("method")) == {"fedavg", "late"}
@@ -461,7 +465,7 @@ def test_racing_healers_enqueue_each_missing_cell_once(tmp_path):
             storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         barrier = threading.Barrier(2)
 
-        def heal() -> None:
+        def heal(out: Path = out, barrier: threading.Barrier = barrier) -> None:
             s = open_storage(resolve_storage(None, out))
             barrier.wait()
             ensure_sweep(s, suite, heal=True)
