@@ -119,7 +119,8 @@ class Registry:
             try:
                 ep = self.resolve(name)
             except RegistryError as exc:
-                self._errors[name] = str(exc)
+                if name.partition("@")[0] in self.all_entry_points():  # ambiguous: `list` says so
+                    self._errors[name] = str(exc)
                 raise
             try:
                 obj = ep.load()

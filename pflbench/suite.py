@@ -265,7 +265,9 @@ class Suite(_Strict):
     def _positive_workers(cls, v: int | str) -> int | str:
         if isinstance(v, int) and not 1 <= v <= MAX_WORKERS:
             raise PydanticCustomError(
-                "workers", "must be 1 to {max} or 'auto', got {v}", {"v": v, "max": MAX_WORKERS}
+                "workers",
+                "must be ≥ 1 and ≤ {max}, or 'auto'; got {v}",
+                {"v": v, "max": MAX_WORKERS},
             )
         return v
 

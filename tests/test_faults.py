@@ -714,7 +714,7 @@ HOSTILE_YAML = {
     ),
     "workers": (
         yaml.safe_dump(small_suite(workers=100000)).encode(),
-        r"workers: must be 1 to 256 or 'auto', got 100000",
+        r"workers: must be ≥ 1 and ≤ 256, or 'auto'; got 100000",
     ),
 }
 
