@@ -339,10 +339,19 @@ def expand_env(value: Any, where: str) -> Any:
     return value
 
 
+_PLAIN_KEY = re.compile(r"[\w@+=\[\]'-]+")
+
+
 def _loc(loc: tuple[Any, ...]) -> str:
+    """A key path for a message; an odd key (empty, dots, a newline) is quoted, so a message
+    stays one line and unambiguous."""
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        name = str(part) if _PLAIN_KEY.fullmatch(str(part)) else repr(str(part))
+        out += f".{name}" if out else name
     return out or "(top level)"
 
 
@@ -359,6 +368,7 @@ def parse_suite(raw: Any, source: str) -> Suite:
             msg = err["msg"]
             if err["type"] == "extra_forbidden":
                 msg = "unknown key"
+            msg = msg.replace("\r", "\\r").replace("\n", "\\n")
             lines.append(f"{source}: {_loc(loc)}: {msg}")
         raise SuiteError("\n".join(lines)) from None
     if suite.out is not None:

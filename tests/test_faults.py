@@ -739,3 +739,80 @@ def test_cli_refuses_a_non_mapping_protocol_without_a_traceback(tmp_path):
     res = cli("run", str(path), "--out", str(tmp_path / "o"), "--quiet")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "protocol" in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzzing suite files: zero tracebacks, every failure one line per problem naming the file
+# ---------------------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_LEAVES = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.sampled_from(["fedavg", "synthetic", "unet", ".x", "a/b", "os:system", "auto", "", "-1"]),
+)
+_VALUES = st.recursive(
+    _LEAVES,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+def _paths(node: Any, prefix: tuple = ()) -> list[tuple]:
+    out = [prefix]
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+@st.composite
+def mutated_suites(draw) -> dict[str, Any]:
+    import copy
+
+    raw = copy.deepcopy(small_suite(methods=["fedavg", {"name": "fedprox", "params": {"mu": 0.1}}]))
+    for _ in range(draw(st.integers(1, 3))):
+        paths = _paths(raw)[1:]
+        path = draw(st.sampled_from(paths))
+        parent = raw
+        for part in path[:-1]:
+            parent = parent[part]
+        if not isinstance(parent, dict | list):
+            continue
+        op = draw(st.sampled_from(["replace", "delete", "add"]))
+        if op == "replace":
+            parent[path[-1]] = draw(_VALUES)
+        elif op == "delete":
+            del parent[path[-1]]
+        elif isinstance(parent, dict):
+            parent[draw(st.text(min_size=1, max_size=8))] = draw(_VALUES)
+    return raw
+
+
+@settings(
+    max_examples=int(os.environ.get("PFLBENCH_FUZZ_EXAMPLES", "100")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(raw=mutated_suites())
+def test_fuzzed_suites_load_or_fail_with_one_line_per_problem(tmp_path, raw):
+    from pflbench.suite import SuiteError, load_suite
+
+    path = tmp_path / "fuzz.yaml"
+    path.write_text(yaml.safe_dump(raw, allow_unicode=True))
+    try:
+        load_suite(path)
+    except SuiteError as exc:
+        lines = str(exc).splitlines()
+        assert lines and all(line.startswith(str(path)) for line in lines), str(exc)
+        assert all(len(line) < 2000 for line in lines)
