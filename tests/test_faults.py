@@ -816,3 +816,35 @@ def test_fuzzed_suites_load_or_fail_with_one_line_per_problem(tmp_path, raw):
         lines = str(exc).splitlines()
         assert lines and all(line.startswith(str(path)) for line in lines), str(exc)
         assert all(len(line) < 2000 for line in lines)
+
+
+def _write_forever(out: str) -> None:  # in a child process, killed at a random moment
+    i = 0
+    while True:
+        write_run(out, f"k{i % 50}", _records(i / 100))
+        i += 1
+
+
+def test_random_sigkills_mid_write_never_leave_a_partial_run_readable(tmp_path):
+    import multiprocessing
+    import random
+    import signal
+
+    rng = random.Random(21)
+    ctx = multiprocessing.get_context("fork")
+    kills = 0
+    for _ in range(20):
+        proc = ctx.Process(target=_write_forever, args=(str(tmp_path),))
+        proc.start()
+        time.sleep(rng.uniform(0.05, 0.4))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.join()
+        kills += 1
+        # every run a reader sees is whole: load_results checks each table against its hash
+        loaded = load_results(tmp_path)
+        assert len(loaded) == len(list(iter_runs(tmp_path)))  # one case row per run
+    assert kills == 20
+    clean_leftovers(tmp_path)
+    names = [d.name for d in results_dir(tmp_path).iterdir()]
+    assert not [n for n in names if n.startswith(".k")]  # crash leftovers removed
+    assert all((results_dir(tmp_path) / n / "DONE").exists() for n in names if n != ".locks")
