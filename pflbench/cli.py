@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pflbench.registry import RegistryError, registry
-from pflbench.suite import Suite, SuiteError, load_suite, peek_suite
+from pflbench.suite import MAX_WORKERS, Suite, SuiteError, load_suite, peek_suite
 
 console = Console(stderr=True)
 # wide tables stay readable in logs and pipes (rich would otherwise wrap them at 80 columns)
@@ -29,7 +30,23 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """Ctrl-C (or SIGTERM to ``run``) ends with exit 130, the shell's code for an interrupt,
+    instead of click's "Aborted!" and 1; finished runs are on disk already."""
+
+    def invoke(self, ctx: click.Context) -> object:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            console.print("interrupted: finished runs are kept; the same command resumes")
+            ctx.exit(130)
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="pflbench")
 def main() -> None:
     """Personalized federated learning benchmarks for multi-site medical image segmentation."""
@@ -51,8 +68,10 @@ def _workers_option(ctx: click.Context, param: click.Parameter, value: str | Non
         n = int(value)
     except ValueError:
         n = 0
-    if n < 1:
-        raise click.BadParameter(f"{value!r}: expected a positive integer or 'auto'")
+    if n < 1 or n > MAX_WORKERS:
+        raise click.BadParameter(
+            f"{value!r}: expected 'auto' or an integer from 1 to {MAX_WORKERS}"
+        )
     return n
 
 
@@ -190,6 +209,10 @@ def run(
     """
     from pflbench.pool import resolve_workers, start_children, stop_children
 
+    # SIGTERM (a scheduler's stop) unwinds like Ctrl-C: child workers are stopped, each closing
+    # its trial for a retry, and the exit code is 130
+    signal.signal(signal.SIGTERM, _terminate)
+
     overrides = _run_overrides(overrides, threads)
     if dry_run:
         suite = _load(suite_path, overrides)
@@ -199,7 +222,8 @@ def run(
     # suite's own `workers` is read from the raw file here, and checked after validation.
     raw = peek_suite(suite_path, overrides)
     requested = workers if workers is not None else raw.get("workers", 1)
-    n = resolve_workers(requested, (raw.get("protocol") or {}).get("threads"))
+    protocol = raw.get("protocol")
+    n = resolve_workers(requested, protocol.get("threads") if isinstance(protocol, dict) else None)
     children = start_children(suite_path, out, storage, n, overrides) if n > 1 else None
     suite = _load(suite_path, overrides)
     requested = workers if workers is not None else suite.workers

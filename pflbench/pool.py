@@ -70,6 +70,7 @@ def start_children(
 ) -> list[subprocess.Popen[bytes]]:
     """Start workers 1..N-1 as ``pflbench worker --wait-go`` processes with their thread share
     and GPU; they do their imports, then wait for :func:`release` before reading the suite.
+    The storage URL goes to them in ``PFLBENCH_STORAGE``, never on their command lines.
     ``out`` and ``storage_url`` may be left to the suite's defaults, as on the command line;
     ``overrides`` (``--set``) reach every child, so that all workers read the same suite."""
     share = thread_share(workers)
@@ -81,8 +82,9 @@ def start_children(
             env[var] = str(share)
         if gpus[i] is not None:
             env["CUDA_VISIBLE_DEVICES"] = gpus[i]
+        if storage_url is not None:  # by environment: a password on a command line is in `ps`
+            env["PFLBENCH_STORAGE"] = storage_url
         cmd = [sys.executable, "-m", "pflbench.cli", "worker", suite_path]
-        cmd += ["--storage", storage_url] if storage_url is not None else []
         cmd += ["--out", str(out)] if out is not None else []
         for item in overrides:
             cmd += ["--set", item]

@@ -42,7 +42,12 @@ baseline's means exactly.
 A value above the band is reported as ``improved`` and does not fail the gate (recalibrate to
 lock it in); a baseline row that the run lacks is ``MISSING`` and fails; a run row that the
 baseline lacks is ``new`` and does not fail. A method whose run diverged in a seed where the
-baseline's did not is a ``REGRESSION`` whatever its Dice.
+baseline's did not is a ``REGRESSION`` whatever its Dice. Diverged runs never enter a mean or
+a band (:func:`~pflbench.results.load_results` leaves them out), in calibration as in comparison.
+
+Input that cannot be trusted is refused (exit 2), never gated: a method of the baseline that the
+run folder has but with fewer seeds (a run unfinished or deleted), and any table whose rows or
+content hash differ from its manifest's record (truncated, rewritten).
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from pflbench.results import load_manifests, load_results
+from pflbench.results import ResultsError, load_manifests, load_results
 
 #: Band half-width in per-seed standard deviations (see the module docstring).
 DEFAULT_K = 3.0
@@ -512,6 +517,27 @@ def _check_same_suite(
         )
 
 
+def check_complete(run_dir: str | Path, baseline: dict[str, Any]) -> None:
+    """Refuse a run folder that has a baseline method with fewer seeds than the baseline: the mean
+    over the seeds left would be compared with a band made for all of them."""
+    info = _run_info(run_dir)
+    gaps = []
+    for ds, methods in baseline["datasets"].items():
+        for method, entry in methods.items():
+            run = info.get((ds, method))
+            if run is None:
+                continue  # the whole method is absent: MISSING rows, a failed gate
+            lacking = sorted(set(entry.get("runs", {})) - set(run["runs"]), key=int)
+            if lacking:
+                gaps.append(f"{ds}/{method} seed(s) {', '.join(lacking)}")
+    if gaps:
+        raise RegressError(
+            f"{run_dir}: incomplete: no finished run (results/<run_key>/DONE) for "
+            + "; ".join(gaps)
+            + " of the baseline; finish the sweep (run the suite again) before gating"
+        )
+
+
 def main_regress(
     run_dir: str | Path,
     baseline_path: str | Path,
@@ -541,8 +567,9 @@ def main_regress(
         if not Path(run_dir).is_dir():
             raise RegressError(f"{run_dir}: no such run folder")
         _check_same_suite(run_dir, baseline, baseline_path)
+        check_complete(run_dir, baseline)
         table = compare(run_dir, baseline)
-    except RegressError as exc:
+    except (RegressError, ResultsError) as exc:
         console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)  # one line
         return 2
     console.print(

@@ -26,8 +26,16 @@ from pflbench import __version__
 from pflbench.data import FederatedData, make_splits, splits_fingerprint
 from pflbench.engine import EvalCallback, Federation, RoundCallback, build_method
 from pflbench.params import resolve_params
-from pflbench.registry import get_dataset, get_method
-from pflbench.results import RunRecords, is_done, read_manifest, write_alias, write_run
+from pflbench.registry import get_dataset, get_method, registry
+from pflbench.results import (
+    RunRecords,
+    claim,
+    clean_leftovers,
+    is_done,
+    read_manifest,
+    write_alias,
+    write_run,
+)
 from pflbench.suite import DatasetSpec, MethodSpec, ModelSpec, Protocol, Suite
 
 #: Dataset options that say where things are on this machine, not what the data is.
@@ -57,14 +65,30 @@ class RunSpec:
                 "split_seed": self.dataset.split_seed,
             },
             "data_fingerprint": data_fingerprint,
-            "method": self.method.name,
+            "method": self.method.name.partition("@")[0],  # the class is in "plugins"
             "params": params,
             "seed": self.seed,
             "protocol": self.protocol.key_dict(),
             "model": self.model.model_dump(mode="json"),
             "mode": self.mode,
             "version": __version__,
+            # a plugin from another distribution: its name and version (a shadowing plugin
+            # never shares a run key with the built-in it shadows)
+            **({"plugins": plugins} if (plugins := self.foreign_plugins()) else {}),
         }
+
+    def plugins(self) -> dict[str, dict[str, Any]]:
+        """Distribution, version and object path of the method, dataset and model classes."""
+        return {
+            "method": registry("methods").provenance(self.method.name),
+            "dataset": registry("datasets").provenance(self.dataset.name),
+            "model": registry("models").provenance(self.model.name),
+        }
+
+    def foreign_plugins(self) -> dict[str, dict[str, Any]]:
+        """:meth:`plugins` without pflbench's own (their version is in the key already, so
+        built-in run keys stay what they were)."""
+        return {k: v for k, v in self.plugins().items() if v["distribution"] != "pflbench"}
 
     def key(self, data_fingerprint: str) -> str:
         blob = json.dumps(self.semantic(data_fingerprint), sort_keys=True, default=str)
@@ -161,14 +185,42 @@ def execute(
     *,
     on_eval: EvalCallback | None = None,
     on_round: RoundCallback | None = None,
-    force: bool = False,
+    wait: bool = True,
 ) -> tuple[str, dict[str, Any] | None]:
-    """Run one cell unless its key is already DONE; returns (run_key, manifest or None if skipped)."""
+    """Run one cell unless its key is already DONE; returns (run_key, manifest or None if skipped).
+
+    The run's :func:`~pflbench.results.claim` is held from the DONE check to the write, so two
+    processes given the same cell (two ``pflbench run`` on one folder, a doubly enqueued trial)
+    run it once: the second waits and finds it DONE. With ``wait=False`` a cell another process
+    holds raises :class:`Busy` at once instead."""
     data_cache = data_cache or DataCache()
     data, splits, fingerprint = data_cache.get(spec.dataset)
     run_key = spec.key(fingerprint)
-    if is_done(out, run_key) and not force:
+    if is_done(out, run_key):
         return _labelled(out, run_key, spec), None
+    with claim(out, run_key, wait=wait) as mine:
+        if not mine:
+            raise Busy(run_key)
+        if is_done(out, run_key):  # a peer finished it while we waited
+            return _labelled(out, run_key, spec), None
+        manifest = _train(spec, out, run_key, data, splits, fingerprint, on_eval, on_round)
+    return run_key, manifest
+
+
+class Busy(RuntimeError):
+    """Another process holds the cell's claim (:func:`execute` with ``wait=False``)."""
+
+
+def _train(
+    spec: RunSpec,
+    out: str | Path,
+    run_key: str,
+    data: FederatedData,
+    splits: dict,
+    fingerprint: str,
+    on_eval: EvalCallback | None,
+    on_round: RoundCallback | None,
+) -> dict[str, Any]:
     started = datetime.now(timezone.utc).isoformat()
     method = build_method(spec.method)
     fed = Federation(
@@ -197,6 +249,7 @@ def execute(
         "model": spec.model.model_dump(mode="json"),
         "mode": spec.mode,
         "data_fingerprint": fingerprint,
+        "plugins": spec.plugins(),
         "sites": data.site_names,
         "structures": list(data.structures),
         "case_level": data.case_level,
@@ -211,7 +264,7 @@ def execute(
         **result.info,
     }
     write_run(out, run_key, RunRecords(result.rounds, result.comm, result.cases, manifest))
-    return run_key, manifest
+    return manifest
 
 
 def _labelled(out: str | Path, run_key: str, spec: RunSpec) -> str:
@@ -225,7 +278,9 @@ def _labelled(out: str | Path, run_key: str, spec: RunSpec) -> str:
         return run_key
     alias = f"{run_key}-{spec.label}"
     if not is_done(out, alias):
-        write_alias(out, run_key, alias, label=spec.label, **spec.extra)
+        with claim(out, alias):
+            if not is_done(out, alias):
+                write_alias(out, run_key, alias, label=spec.label, **spec.extra)
     return alias
 
 
@@ -237,20 +292,35 @@ def run_suite(
     on_run_end: Callable[[RunSpec, str, dict | None], None] | None = None,
     on_round: RoundCallback | None = None,
 ) -> list[str]:
-    """Run every cell in order, skipping DONE ones; returns the run keys."""
+    """Run every cell in order, skipping DONE ones; returns the run keys.
+
+    A cell another process is running (a second ``pflbench run`` on the same folder) is put off
+    to the end and then waited for, so two invocations share the cells instead of repeating
+    them."""
+    clean_leftovers(out)  # temporary folders of writers that crashed
     cache = DataCache()
-    keys = []
     cells = plan(suite)
-    for i, spec in enumerate(cells):
-        if on_run_start:
-            on_run_start(spec, i, len(cells))
-        t0 = time.perf_counter()
-        key, manifest = execute(spec, out, cache, on_round=on_round)
-        if on_run_end:
-            on_run_end(
-                spec,
-                key,
-                manifest if manifest is None else {**manifest, "_wall_s": time.perf_counter() - t0},
-            )
-        keys.append(key)
-    return keys
+    keys: list[str | None] = [None] * len(cells)
+    later: list[int] = []
+    for wait in (False, True):
+        todo = range(len(cells)) if not wait else later
+        for i in list(todo):
+            spec = cells[i]
+            if on_run_start:
+                on_run_start(spec, i, len(cells))
+            t0 = time.perf_counter()
+            try:
+                key, manifest = execute(spec, out, cache, on_round=on_round, wait=wait)
+            except Busy:
+                later.append(i)
+                continue
+            if on_run_end:
+                on_run_end(
+                    spec,
+                    key,
+                    manifest
+                    if manifest is None
+                    else {**manifest, "_wall_s": time.perf_counter() - t0},
+                )
+            keys[i] = key
+    return [k for k in keys if k is not None]

@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import socket
 import sys
@@ -44,6 +45,139 @@ ORPHAN_AFTER_S = 120.0
 
 class StorageConfigError(ValueError):
     """A storage URL that cannot be used as asked (unknown scheme, SQLite with many workers)."""
+
+
+class JournalError(StorageConfigError):
+    """A journal file with a damaged line that cannot be repaired without losing history."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The journal file: torn tails repaired, never glued onto
+# ---------------------------------------------------------------------------------------------
+
+#: Every record Optuna writes starts like this (``json.dumps`` of ``{"op_code": …, …}``).
+_RECORD_START = b'{"op_code":'
+
+
+def _torn_path(path: str) -> Path:
+    return Path(path + ".torn")
+
+
+def _keep_torn(path: str, data: bytes, why: str) -> None:
+    """Append bytes cut from the journal to ``<journal>.torn``, so nothing is thrown away unseen."""
+    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    with open(_torn_path(path), "ab") as f:
+        f.write(f"# {stamp} {why}\n".encode() + data + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _parse(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+def repair_journal(path: str | Path, log: Callable[[str], None] | None = None) -> int:
+    """Make a journal file readable and safe to append to; returns how many lines were repaired.
+
+    A write cut short (a kill, a full disk) leaves a last line without its newline: Optuna would
+    glue the next record onto it and fail on that line for good. Such a tail is cut off and kept
+    in ``<journal>.torn``; a line an older pflbench already glued (torn bytes + a whole record) is
+    split, keeping the whole record. Any other damaged line cannot be repaired without guessing:
+    :class:`JournalError` names the file, the line and the way to recover. Callers hold the
+    journal's lock (peers may be appending)."""
+    path = str(path)
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return 0
+    lines = data.split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline
+    fixed = 0
+    out: list[bytes] = []
+    for i, line in enumerate(lines, start=1):
+        if _parse(line):
+            out.append(line)
+            continue
+        cut = line.rfind(_RECORD_START)
+        if cut > 0 and _parse(line[cut:]):
+            _keep_torn(path, line[:cut], f"torn record glued before line {i}")
+            out.append(line[cut:])
+            fixed += 1
+            continue
+        raise JournalError(
+            f"{path}: line {i} is not a journal record (damaged file); it cannot be repaired "
+            f"without losing tuning history. To recover, move it aside (mv {path} {path}.bad) "
+            "and run again: finished runs under results/ are kept and skipped, only the tuning "
+            "trials are run again"
+        )
+    if tail:
+        if _parse(tail):  # a whole record whose newline was lost
+            out.append(tail)
+        else:
+            _keep_torn(path, tail, "torn last record (write cut short)")
+        fixed += 1
+    if fixed:
+        text = b"".join(line + b"\n" for line in out)
+        tmp = f"{path}.repair.{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if log is not None:
+            log(
+                f"{path}: repaired {fixed} torn line(s) (a write cut short); the cut bytes are "
+                f"kept in {_torn_path(path)}"
+            )
+    return fixed
+
+
+def _torn_tail(path: str) -> bool:
+    with open(path, "rb") as f:
+        size = f.seek(0, os.SEEK_END)
+        if not size:
+            return False
+        f.seek(size - 1)
+        return f.read(1) != b"\n"
+
+
+def _journal_backend(path: str, log: Callable[[str], None] | None = None) -> Any:
+    """Optuna's journal file backend, made safe against torn writes: the file is repaired when
+    opened, a torn tail is cut before each append, and an append that fails midway (a full disk)
+    is undone, so the next one never lands on half a record."""
+    from optuna.storages.journal import JournalFileBackend
+    from optuna.storages.journal._file import get_lock_file
+
+    class SafeJournalFileBackend(JournalFileBackend):
+        def append_logs(self, logs: list[dict[str, Any]]) -> None:
+            text = "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in logs).encode()
+            with get_lock_file(self._lock):
+                if _torn_tail(self._file_path):  # a peer's write was cut short
+                    repair_journal(self._file_path, log)
+                    self._log_number_offset = {0: 0}
+                self._append(text)
+
+        def _append(self, text: bytes) -> None:
+            with open(self._file_path, "ab") as f:
+                size = f.seek(0, os.SEEK_END)
+                try:
+                    f.write(text)
+                    f.flush()
+                    os.fsync(f.fileno())
+                except BaseException:
+                    try:  # undo the partial record (a full disk still allows shrinking)
+                        f.truncate(size)
+                    except OSError:
+                        pass
+                    raise
+
+    backend = SafeJournalFileBackend(path)
+    with get_lock_file(backend._lock):
+        repair_journal(path, log)
+    return backend
 
 
 @dataclass(frozen=True)
@@ -130,8 +264,18 @@ def check_workers(config: StorageConfig, workers: int, joining: bool = False) ->
 # ---------------------------------------------------------------------------------------------
 
 
+def _refused_login(exc: BaseException) -> bool:
+    """A wrong password or unknown user/database: waiting will not fix it."""
+    text = str(exc)
+    return any(
+        s in text
+        for s in ("password authentication failed", "does not exist", "no password supplied")
+    )
+
+
 def is_transient(exc: BaseException) -> bool:
-    """A lost or refused database connection (worth retrying), not a bad request."""
+    """A lost or refused database connection (worth retrying), not a bad request nor a refused
+    login (a wrong password is reported at once, not retried for minutes like an outage)."""
     seen: set[int] = set()
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
@@ -142,6 +286,8 @@ def is_transient(exc: BaseException) -> bool:
         if mod.startswith("sqlalchemy"):
             from sqlalchemy import exc as sa_exc
 
+            if _refused_login(e):
+                return False
             if isinstance(
                 e, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError)
             ):
@@ -153,6 +299,8 @@ def is_transient(exc: BaseException) -> bool:
         if mod.startswith("psycopg"):
             import psycopg
 
+            if _refused_login(e):
+                return False
             if isinstance(e, (psycopg.OperationalError, psycopg.InterfaceError)):
                 return True
         e = e.__cause__ or e.__context__
@@ -361,10 +509,9 @@ def open_storage(config: StorageConfig, options: StorageOptions | None = None) -
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
     if config.kind == "journal":
         from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
 
         Path(config.url).parent.mkdir(parents=True, exist_ok=True)
-        inner: BaseStorage = JournalStorage(JournalFileBackend(config.url))
+        inner: BaseStorage = JournalStorage(_journal_backend(config.url, _stderr))
         return RetryingStorage(inner, options.retry_timeout_s)
 
     def build() -> BaseStorage:
@@ -378,8 +525,75 @@ def open_storage(config: StorageConfig, options: StorageOptions | None = None) -
             ),
         )
 
-    inner = retry_call(build, timeout_s=options.retry_timeout_s, what=config.display)
+    def build_serialized() -> BaseStorage:
+        with _schema_lock(config):
+            return _retry_schema_race(build)
+
+    inner = retry_call(build_serialized, timeout_s=options.retry_timeout_s, what=config.display)
     return RetryingStorage(inner, options.retry_timeout_s)
+
+
+#: Key of the PostgreSQL advisory lock held while Optuna creates or checks its tables.
+_SCHEMA_LOCK_KEY = 0x7066_6C62  # "pflb"
+
+
+class _schema_lock:
+    """Workers starting together on a fresh PostgreSQL database would each create Optuna's
+    tables and all but one fail (``UniqueViolation … pg_type_typname_nsp_index``, the race known
+    upstream): an advisory lock makes them take turns. Other dialects need none."""
+
+    def __init__(self, config: StorageConfig) -> None:
+        self.config = config
+        self.engine: Any = None
+        self.conn: Any = None
+
+    def __enter__(self) -> None:
+        if self.config.dialect != "postgresql":
+            return
+        import sqlalchemy
+        from sqlalchemy.pool import NullPool
+
+        self.engine = sqlalchemy.create_engine(self.config.url, poolclass=NullPool)
+        self.conn = self.engine.connect()
+        self.conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": _SCHEMA_LOCK_KEY})
+
+    def __exit__(self, *exc: object) -> None:
+        if self.conn is None:
+            return
+        import sqlalchemy
+
+        try:
+            self.conn.execute(
+                sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": _SCHEMA_LOCK_KEY}
+            )
+        except Exception:
+            pass  # closing the session releases it as well
+        finally:
+            self.conn.close()
+            self.engine.dispose()
+
+
+def is_schema_race(exc: BaseException) -> bool:
+    """The error a concurrent ``CREATE TABLE`` of the same table raises in PostgreSQL."""
+    text = f"{type(exc).__name__}: {exc}"
+    if "DuplicateTable" in text:
+        return True
+    return "UniqueViolation" in text and (
+        "pg_type_typname_nsp_index" in text or "already exists" in text
+    )
+
+
+def _retry_schema_race(build: Callable[[], T], attempts: int = 5) -> T:
+    """Retry ``build`` on the schema-creation race (a peer without the lock, e.g. an older
+    pflbench or optuna-dashboard creating the tables); the second try finds them made."""
+    for i in range(attempts):
+        try:
+            return build()
+        except Exception as exc:
+            if i == attempts - 1 or not is_schema_race(exc):
+                raise
+            time.sleep(0.2 * (i + 1))
+    raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,10 @@ from pydantic_core import PydanticCustomError
 from pflbench.params import ParamError
 from pflbench.registry import RegistryError, registry
 
+#: Most worker processes one ``pflbench run`` starts (each imports torch and holds a model);
+#: more machines join with ``pflbench worker`` instead.
+MAX_WORKERS = 256
+
 
 class SuiteError(ValueError):
     """A suite that cannot run; the message names the file and key."""
@@ -38,6 +42,31 @@ class SuiteError(ValueError):
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+#: A label names folders, files and study names: letters, digits and ``_ . + = @ -``, starting
+#: with a letter or digit (a leading dot would hide the results), at most :data:`LABEL_MAX` long.
+LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=@-]*")
+LABEL_MAX = 64
+
+
+def _check_label(value: str | None) -> str | None:
+    if value is None:
+        return value
+    if len(value) > LABEL_MAX:
+        raise PydanticCustomError(
+            "label",
+            "label is {n} characters long; at most {max} are allowed",
+            {"n": len(value), "max": LABEL_MAX},
+        )
+    if not LABEL_RE.fullmatch(value):
+        raise PydanticCustomError(
+            "label",
+            "label '{v}' must start with a letter or digit and hold only letters, digits and "
+            "_ . + = @ - (it names result folders and study names)",
+            {"v": value},
+        )
+    return value
 
 
 def _name_or_mapping(value: Any) -> Any:
@@ -57,6 +86,7 @@ class DatasetSpec(_Strict):
     protocol: dict[str, Any] = Field(default_factory=dict)
 
     _short = model_validator(mode="before")(_name_or_mapping)
+    _label = field_validator("label")(_check_label)
 
     @property
     def key(self) -> str:
@@ -69,6 +99,7 @@ class MethodSpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
     _short = model_validator(mode="before")(_name_or_mapping)
+    _label = field_validator("label")(_check_label)
 
     @property
     def key(self) -> str:
@@ -363,8 +394,12 @@ class Suite(_Strict):
     @field_validator("workers")
     @classmethod
     def _positive_workers(cls, v: int | str) -> int | str:
-        if isinstance(v, int) and v < 1:
-            raise PydanticCustomError("workers", "must be ≥ 1 or 'auto', got {v}", {"v": v})
+        if isinstance(v, int) and not 1 <= v <= MAX_WORKERS:
+            raise PydanticCustomError(
+                "workers",
+                "must be ≥ 1 and ≤ {max}, or 'auto'; got {v}",
+                {"v": v, "max": MAX_WORKERS},
+            )
         return v
 
     @field_validator("tuning")
@@ -497,10 +532,19 @@ def expand_env(value: Any, where: str) -> Any:
     return value
 
 
+_PLAIN_KEY = re.compile(r"[\w@+=\[\]'-]+")
+
+
 def _loc(loc: tuple[Any, ...]) -> str:
+    """A key path for a message; an odd key (empty, dots, a newline) is quoted, so a message
+    stays one line and unambiguous."""
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        name = str(part) if _PLAIN_KEY.fullmatch(str(part)) else repr(str(part))
+        out += f".{name}" if out else name
     return out or "(top level)"
 
 
@@ -554,7 +598,7 @@ def parse_suite(raw: Any, source: str) -> Suite:
         lines = []
         for err in exc.errors():
             loc = tuple(p for p in err["loc"] if not str(p).startswith("function-"))
-            lines.append(f"{source}: {_loc(loc)}: {_message(err, loc)}")
+            lines.append(f"{source}: {_loc(loc)}: {_message(err, loc)}".replace("\r", "\\r"))
         raise SuiteError("\n".join(lines)) from None
     if suite.out is not None:
         suite.out = expand_env(suite.out, f"{source}: out")
@@ -616,6 +660,80 @@ def _check_options(cls: type, options: dict[str, Any]) -> str | None:
     return None
 
 
+#: Deepest nesting a suite file may have (a real suite needs about 6; PyYAML would recurse
+#: until the interpreter gives up).
+MAX_DEPTH = 64
+
+
+class _SuiteLoader(yaml.SafeLoader):
+    """Safe YAML with what a suite never needs refused, each as an error with a line number:
+    duplicate keys (the second silently won), anchors and aliases (a few lines of them expand
+    to billions of nodes once walked), nesting deeper than :data:`MAX_DEPTH`."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent) or getattr(self.peek_event(), "anchor", None):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                "anchors and aliases (&name, *name) are not supported in suites",
+                event.start_mark,
+            )
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None,
+                    None,
+                    f"nested deeper than {MAX_DEPTH} levels",
+                    self.peek_event().start_mark,
+                )
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                dup = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if dup:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """The parsed file, or a one-line :class:`SuiteError` naming the file (and line) and what is
+    wrong: not UTF-8, malformed YAML, duplicate keys, aliases, too deep."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise SuiteError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+            f"{exc.start}); save the suite as UTF-8"
+        ) from None
+    except OSError as exc:
+        raise SuiteError(f"{path}: cannot read the suite file: {exc.strerror}") from None
+    try:
+        return yaml.load(text, Loader=_SuiteLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc).replace("\n", " ")
+        raise SuiteError(f"{where}: malformed YAML: {problem}") from None
+    except RecursionError:
+        raise SuiteError(f"{path}: malformed YAML: nested too deeply") from None
+
+
 def apply_overrides(raw: Any, overrides: Sequence[str], where: str) -> Any:
     """``raw`` with each ``KEY=VALUE`` override applied (Hydra-style dotted paths; list items by
     index: ``datasets.0.options.size=32``; VALUE is YAML: ``seeds=[0,1]``). The result is then
@@ -664,8 +782,8 @@ def peek_suite(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any
     """The suite file's raw mapping, unvalidated, or {} if it cannot be read: for the decisions
     ``pflbench run`` takes before the (slower) validation, which reports any problem later."""
     try:
-        raw = apply_overrides(yaml.safe_load(Path(path).read_text()), overrides, str(path))
-    except (OSError, yaml.YAMLError, SuiteError):
+        raw = apply_overrides(read_yaml(Path(path)), overrides, str(path))
+    except SuiteError:
         return {}
     return raw if isinstance(raw, dict) else {}
 
@@ -675,12 +793,5 @@ def load_suite(path: str | Path, overrides: Sequence[str] = ()) -> Suite:
     path = Path(path)
     if not path.is_file():
         raise SuiteError(f"{path}: no such suite file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SuiteError(f"{where}: malformed YAML: {problem}") from None
     label = f"{path} (with --set {' '.join(overrides)})" if overrides else str(path)
-    return parse_suite(apply_overrides(raw, overrides, str(path)), label)
+    return parse_suite(apply_overrides(read_yaml(path), overrides, str(path)), label)

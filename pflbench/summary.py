@@ -3,16 +3,18 @@
 Reads the tidy results only: test Dice at the selected (best-validation) round, mean over the
 client's cases and structures, then mean ± std over seeds; the last column is the client-macro
 mean. In tuning-only folders (no test rows) the validation split is used and the title says so.
+Diverged runs are left out of the table and listed below it, with the round and the reason.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pandas as pd
 
 from pflbench.configs import split_labels
-from pflbench.results import load_manifests, load_results
+from pflbench.results import diverged_runs, load_manifests, load_results
 
 
 def run_labels(out: str | Path) -> dict[str, str]:
@@ -65,12 +67,45 @@ def dice_table(out: str | Path) -> tuple[pd.DataFrame, str]:
 
 
 def write_summary(out: str | Path, table: tuple[pd.DataFrame, str] | None = None) -> Path | None:
-    """Write ``summary.md`` from ``table`` (a :func:`dice_table` result, read here if None)."""
+    """Write ``summary.md`` from ``table`` (a :func:`dice_table` result, read here if None) and
+    the diverged runs; atomically, so a full disk never leaves a truncated summary."""
     table, split = table if table is not None else dice_table(out)
-    if table.empty:
+    diverged = diverged_section(out)
+    if table.empty and not diverged:
         return None
     path = Path(out) / "summary.md"
-    title = f"# Dice per method × site ({split} split, best-validation round, mean ± std over seeds)\n\n"
-    rows = table.reset_index().fillna("–")  # a site the dataset does not have
-    path.write_text(title + rows.to_markdown(index=False) + "\n")
+    text = ""
+    if not table.empty:
+        text = (
+            f"# Dice per method × site ({split} split, best-validation round, mean ± std over "
+            "seeds)\n\n"
+        )
+        rows = table.reset_index().fillna("–")  # a site the dataset does not have
+        text += rows.to_markdown(index=False) + "\n"
+    if diverged:
+        text += ("\n" if text else "") + diverged
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
+
+
+def diverged_section(out: str | Path) -> str:
+    """Markdown list of the diverged runs (left out of the table), or "" when there are none."""
+    rows = diverged_runs(out)
+    if rows.empty:
+        return ""
+    lines = [f"## Diverged runs ({len(rows)}, left out of the table above)", ""]
+    lines += [diverged_line(r) for r in rows.to_dict("records")]
+    return "\n".join(lines) + "\n"
+
+
+def diverged_line(row: dict) -> str:
+    label = f" ({row['label']})" if row.get("label") not in (None, "fixed") else ""
+    return (
+        f"- {row['dataset']} · {row['method']}{label} · seed {row['seed']}: diverged in round "
+        f"{row['round']}: {row['reason']} (`{row['run_key']}`)"
+    )

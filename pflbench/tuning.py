@@ -32,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 import optuna
 import pandas as pd
-from optuna.exceptions import DuplicatedStudyError
+from optuna.exceptions import DuplicatedStudyError, UpdateFinishedTrialError
 from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
@@ -345,17 +345,53 @@ def ensure_sweep(
         study.set_user_attr("ready", True)
     deadline = time.monotonic() + ready_wait_s
     for ref, study in pending:
-        while not heal and not study.user_attrs.get("ready") and time.monotonic() < deadline:
+        # healing too waits for the creator: cells it has not enqueued yet are not missing
+        while not study.user_attrs.get("ready") and time.monotonic() < deadline:
             time.sleep(0.5)
         if heal or not study.user_attrs.get("ready"):
             alive = _alive_cells(study.get_trials(deepcopy=False))
             missing = [c for c in ref.cells(suite) if c["cell"] not in alive]
             for cell in missing:
                 study.enqueue_trial({}, user_attrs=cell)
-            if missing and log is not None:
-                log(f"{ref.name}: re-enqueued {len(missing)} run(s) with no live trial")
+            if missing:
+                # two healers racing may both have enqueued a cell: close the extra copies
+                dropped = drop_duplicates(study)
+                if log is not None:
+                    log(
+                        f"{ref.name}: re-enqueued {len(missing) - dropped} run(s) with no live "
+                        "trial"
+                    )
             study.set_user_attr("ready", True)
     return refs
+
+
+def drop_duplicates(study: optuna.Study) -> int:
+    """Close (as ``duplicate``) every waiting trial of a cell that has a live trial with a lower
+    number. Every process applies the same rule and claiming a trial is
+    atomic, so racing callers agree; returns how many this call closed."""
+    storage = study._storage
+    by_cell: dict[str, list[FrozenTrial]] = {}
+    alive = (TrialState.WAITING, TrialState.RUNNING, TrialState.COMPLETE)
+    for t in study.get_trials(deepcopy=False):
+        if t.state in alive and "cell" in t.user_attrs and not t.user_attrs.get("duplicate"):
+            by_cell.setdefault(t.user_attrs["cell"], []).append(t)
+    n = 0
+    for trials in by_cell.values():
+        # the lowest number, whatever its state: a racing caller's trial in the middle of being
+        # closed is never the lowest, so every caller keeps the same one
+        keep = min(trials, key=lambda t: t.number)
+        for t in trials:
+            if t is keep or t.state != TrialState.WAITING:
+                continue
+            try:
+                mine = storage.set_trial_state_values(t._trial_id, TrialState.RUNNING)
+            except UpdateFinishedTrialError:  # a racing caller closed it first
+                continue
+            if mine:
+                storage.set_trial_user_attr(t._trial_id, "duplicate", True)
+                storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+                n += 1
+    return n
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,10 +406,16 @@ def infra_failed(trials: list[FrozenTrial]) -> set[int]:
 
 def budget_trials(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """Trials that use the budget, in trial-number order: everything except replaced trials and
-    trials closed as ``over_budget``."""
+    trials closed as ``over_budget`` or ``duplicate``."""
     gone = infra_failed(trials)
     return sorted(
-        (t for t in trials if t.number not in gone and not t.user_attrs.get("over_budget")),
+        (
+            t
+            for t in trials
+            if t.number not in gone
+            and not t.user_attrs.get("over_budget")
+            and not t.user_attrs.get("duplicate")
+        ),
         key=lambda t: t.number,
     )
 

@@ -39,6 +39,7 @@ from pflbench.pool import (
     stop_children,
     thread_share,
 )
+from pflbench.results import clean_leftovers
 from pflbench.runner import DataCache, execute
 from pflbench.storage import (
     StorageConfig,
@@ -170,6 +171,7 @@ class Worker:
             offset = int(hashlib.sha256(self.identity.encode()).hexdigest()[:8], 16) % 10**6 + 1
         else:
             offset = 7919 * index
+        clean_leftovers(self.out)  # temporary folders of writers that crashed
         self.refs = ensure_sweep(storage, suite, heal=heal, log=self.log)
         self.studies: dict[str, optuna.Study] = {}
         for ref in self.refs:
@@ -247,7 +249,11 @@ class Worker:
                     busy = True  # the gate opens when the tuning study is done
                     continue
             for t in sorted(waiting, key=lambda t: t.number):
-                if self.storage.set_trial_state_values(t._trial_id, TrialState.RUNNING):
+                try:
+                    mine = self.storage.set_trial_state_values(t._trial_id, TrialState.RUNNING)
+                except UpdateFinishedTrialError:  # closed since we read it (a dropped duplicate)
+                    continue
+                if mine:
                     self._run(ref, t, tune_trials)
                     return True
         return None if busy else False

@@ -112,4 +112,4 @@ def test_workers_option_accepts_auto_and_refuses_zero(suite_file, tmp_path):
     auto = _run(str(suite_file), "--out", str(tmp_path / "o"), "--workers", "auto", "--dry-run")
     assert auto.exit_code == 0, auto.output
     zero = _run(str(suite_file), "--workers", "0", "--dry-run")
-    assert zero.exit_code == 2 and "positive integer or 'auto'" in zero.output
+    assert zero.exit_code == 2 and "'auto' or an integer from 1 to" in zero.output

@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from pflbench import configs, stats
+from pflbench.results import diverged_runs
 
 from . import data, figures, html, latex, markdown, published, tables
 from .data import ReportError, Results
@@ -232,6 +233,20 @@ def _default_reference(methods: list[str], notes: list[str]) -> str:
         "alphabetical order); pass --reference to choose another."
     )
     return methods[0]
+
+
+def _diverged_blocks(run_dir: Path) -> list[Block]:
+    """The diverged runs, left out of every table, test and figure, with round and reason."""
+    from pflbench.summary import diverged_line
+
+    rows = diverged_runs(run_dir)
+    if rows.empty:
+        return []
+    return [
+        Block("h2", f"Diverged runs ({len(rows)})"),
+        Block("p", "Left out of every table, test and figure above (their last model broke down)."),
+        Block("ul", [diverged_line(r)[2:] for r in rows.to_dict("records")]),
+    ]
 
 
 def build_report(
@@ -451,6 +466,7 @@ def build_report(
     if conf_t is not None:
         doc += [Block("h2", "Configurations"), Block("table", conf_t)]
     appendix = _appendix(res, notes)
+    doc += _diverged_blocks(run_dir)
     if notes:
         doc += [Block("h2", "Notes")] + [Block("note", n) for n in notes]
     doc += appendix

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from pflbench import configs
-from pflbench.results import load_manifests, load_results
+from pflbench.results import diverged_runs, load_manifests, load_results
 
 METRICS = {
     # name: (higher is better, decimals shown, label)
@@ -116,6 +116,19 @@ class Results:
         return s[s["label"].to_numpy(dtype=object) == want]
 
 
+def _no_runs(run_dir: str | Path) -> str:
+    """Why there is nothing to report; names the diverged runs when they are all there is."""
+    from pflbench.summary import diverged_line
+
+    where = Path(run_dir) / "results"
+    div = diverged_runs(run_dir)
+    if div.empty:
+        return f"no finished runs with results under {where}"
+    listed = "; ".join(diverged_line(r)[2:] for r in div.head(3).to_dict("records"))
+    more = f" and {len(div) - 3} more" if len(div) > 3 else ""
+    return f"no usable runs under {where}: every finished run diverged ({listed}{more})"
+
+
 def load(
     run_dir: str | Path,
     metric: str = "dice",
@@ -131,7 +144,7 @@ def load(
     metric_info(metric)
     cases = load_results(run_dir, "cases")
     if cases.empty or "selection" not in cases.columns:
-        raise ReportError(f"no finished runs with results under {Path(run_dir) / 'results'}")
+        raise ReportError(_no_runs(run_dir))
     res = Results(
         cases=cases,
         rounds=load_results(run_dir, "rounds"),
