@@ -641,7 +641,7 @@ def test_data_check_gland_cli(tmp_path: Path) -> None:
     assert bad.exit_code == 1
     assert "CAMG/Original/CAMG_Image_00.png: missing mask" in bad.output
     assert "MGD1k/Subset/Original/mgd_00.JPG: unreadable image" in bad.output
-    assert "2 problem(s) found" in bad.output
+    assert "2 problem(s):" in bad.output
 
 
 # ------------------------------------------------------------------------------------------
