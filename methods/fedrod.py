@@ -11,7 +11,7 @@ from torch import nn
 from pflbench.client import Client
 from pflbench.method import Method
 from pflbench.methods._common import cloned_state, declared_path, step
-from pflbench.training import segmentation_loss
+from pflbench.training import LossFn
 
 PERSONAL_HEAD = "fedrod/personal_head"
 
@@ -32,14 +32,17 @@ def prior_shift(prior: torch.Tensor, channels: int) -> torch.Tensor:
     return (prior[1] - prior[0]).reshape(1) if channels == 1 else prior
 
 
-def balanced_loss(logits: torch.Tensor, labels: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
-    """The suite's loss on prior-adjusted logits (balanced softmax, Ren et al. 2020).
+def balanced_loss(
+    logits: torch.Tensor, labels: torch.Tensor, prior: torch.Tensor, loss: LossFn
+) -> torch.Tensor:
+    """The suite's ``loss`` on prior-adjusted logits (balanced softmax, Ren et al. 2020).
 
     Adding log π_c to the logits during training makes the raw logits estimate the class-balanced
-    posterior; for one sigmoid logit the shift is log(π₁/π₀).
+    posterior; for one sigmoid logit the shift is log(π₁/π₀). ``loss`` is the client's, so the
+    protocol's ``loss_smoothing`` reaches the generic head too.
     """
     shift = prior_shift(prior.to(logits.device, logits.dtype), logits.shape[1])
-    return segmentation_loss(logits + shift.reshape(1, -1, *([1] * (logits.ndim - 2))), labels)
+    return loss(logits + shift.reshape(1, -1, *([1] * (logits.ndim - 2))), labels)
 
 
 class RoDModel(nn.Module):
@@ -137,7 +140,7 @@ class FedRoD(Method):
             g = head(f)
             if prior is None:
                 prior = log_prior(client.train_data.labels, g.shape[1])
-            step(opt, balanced_loss(g, y, prior), where)
+            step(opt, balanced_loss(g, y, prior, client.loss), where)
             opt_p.zero_grad(set_to_none=True)
             step(opt_p, client.loss(g.detach() + personal(f.detach()), y), where + " personal")
         client.keep_optimizer(opt, key="main")

@@ -96,8 +96,9 @@ def _run_overrides(overrides: tuple[str, ...], threads: int | None) -> tuple[str
 
 def _dry_run(suite: Suite, out_dir: Path) -> None:
     """Print what a run would do; nothing is trained or written."""
-    from pflbench.runner import planned_runs
+    from pflbench.runner import planned_runs, protocol_differences
 
+    _print_protocols(suite, protocol_differences(suite))
     if suite.tuning is not None:
         from pflbench.results import iter_runs
 
@@ -136,9 +137,36 @@ def _dry_run(suite: Suite, out_dir: Path) -> None:
     out_console.print(t)
     done = int(rows["done"].sum())
     out_console.print(
-        f"{len(rows)} runs: {done} DONE, {len(rows) - done} to run "
-        f"({suite.protocol.rounds} rounds each)"
+        f"{len(rows)} runs: {done} DONE, {len(rows) - done} to run ({_rounds(suite)})"
     )
+
+
+def _rounds(suite: Suite) -> str:
+    rounds = sorted({suite.protocol_for(d).rounds for d in suite.datasets})
+    return (
+        f"{rounds[0]} rounds each"
+        if len(rounds) == 1
+        else f"{'/'.join(map(str, rounds))} rounds by dataset"
+    )
+
+
+def _print_protocols(suite: Suite, differences: dict[str, list[str]]) -> None:
+    p = suite.protocol
+    budget = f"E={p.local_epochs}" if p.local_steps is None else f"{p.local_steps} steps"
+    out_console.print(
+        f"protocol: T={p.rounds}, {budget}, batch {p.batch_size}, {p.optimizer.name} "
+        f"lr {p.optimizer.lr:g}, weights ∝ {p.aggregation_weights}, optimizer state "
+        f"{p.optimizer_state}",
+        highlight=False,
+    )
+    if not any(differences.values()):
+        return
+    t = Table(title="per-dataset protocol (differs from the suite's)")
+    t.add_column("dataset")
+    t.add_column("protocol")
+    for name, diffs in differences.items():
+        t.add_row(name, ", ".join(diffs) or "the suite's")
+    out_console.print(t)
 
 
 def _preflight_or_fail(suite: Suite, out_dir: Path, planned: int, children=None) -> None:

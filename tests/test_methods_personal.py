@@ -361,11 +361,41 @@ def test_fedrod_balanced_loss_uses_pixel_class_frequencies():
     assert torch.allclose(prior.exp(), torch.tensor([29.0, 5.0], dtype=torch.float64) / 34)
     logits = torch.randn(2, 1, 4, 4)
     shifted = segmentation_loss(logits + float(prior[1] - prior[0]), labels)
-    assert torch.allclose(balanced_loss(logits, labels, prior), shifted)
+    assert torch.allclose(balanced_loss(logits, labels, prior, segmentation_loss), shifted)
     uniform = torch.log(torch.tensor([0.5, 0.5]))
-    assert torch.allclose(balanced_loss(logits, labels, uniform), segmentation_loss(logits, labels))
+    assert torch.allclose(
+        balanced_loss(logits, labels, uniform, segmentation_loss), segmentation_loss(logits, labels)
+    )
     multi = log_prior(torch.tensor([[[0, 1], [2, 2]]]), 3)
     assert torch.allclose(multi.exp(), torch.tensor([2.0, 2.0, 3.0], dtype=torch.float64) / 7)
+
+
+def test_fedrod_balanced_loss_applies_the_given_loss():
+    labels = (torch.rand(2, 4, 4) > 0.6).long()
+    labels[1] = 0
+    logits, prior = torch.randn(2, 1, 4, 4), log_prior(labels, 1)
+    shift = float(prior[1] - prior[0])
+    paper = balanced_loss(logits, labels, prior, lambda z, t: segmentation_loss(z, t, 1e-6))
+    assert torch.allclose(paper, segmentation_loss(logits + shift, labels, 1e-6))
+    assert not torch.allclose(paper, segmentation_loss(logits + shift, labels, 1.0))
+
+
+def test_fedrod_trains_both_heads_on_the_clients_loss(monkeypatch):
+    """Both of FedRoD's losses go through client.loss, so protocol.loss_smoothing reaches them."""
+    import pflbench.client as client_module
+
+    seen = []
+
+    def recording(logits, labels, smooth=1.0):
+        seen.append(smooth)
+        return segmentation_loss(logits, labels, smooth)
+
+    monkeypatch.setattr(client_module, "segmentation_loss", recording)
+    client = make_client(tiny_unet(), loss_smoothing=1e-6)
+    get_method("fedrod")().local_update(client)
+    batches = -(-len(client.train_data) // 4)
+    # the generic (balanced) and the personal head, per batch, both with the protocol's ε
+    assert seen == [1e-6] * (2 * batches)
 
 
 def test_fedrod_run_shares_body_and_generic_head_only():

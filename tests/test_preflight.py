@@ -108,6 +108,26 @@ def test_dry_run_lists_runs_and_marks_the_done_ones(suite_file, tmp_path):
     assert "4 runs: 2 DONE" in threads.output
 
 
+def test_dry_run_shows_each_datasets_protocol(tmp_path):
+    suite = tmp_path / "two.yaml"
+    second = (
+        "  - name: synthetic\n"
+        "    label: small-lr\n"
+        "    options: {flavour: fundus, size: 16, images_per_site: [6, 6], seed: 1}\n"
+        "    protocol: {optimizer: {lr: 0.0001}, rounds: 3}\n"
+    )
+    suite.write_text(SUITE.replace("methods:", second + "methods:"))
+    res = _run(str(suite), "--out", str(tmp_path / "o"), "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert "protocol: T=1, E=1, batch 4, adam lr 0.001" in res.output
+    assert "per-dataset protocol" in res.output
+    lines = res.output.splitlines()
+    (first,) = [x for x in lines if "synthetic " in x and "the suite's" in x]
+    (prostate,) = [x for x in lines if "small-lr" in x and "optimizer.lr=0.0001" in x]
+    assert "rounds=3" in prostate
+    assert "8 runs: 0 DONE, 8 to run (1/3 rounds by dataset)" in res.output
+
+
 def test_workers_option_accepts_auto_and_refuses_zero(suite_file, tmp_path):
     auto = _run(str(suite_file), "--out", str(tmp_path / "o"), "--workers", "auto", "--dry-run")
     assert auto.exit_code == 0, auto.output
