@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, BinaryIO, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -479,18 +479,27 @@ def save_cache(path: Path, data: FederatedData) -> None:
             for s in data.sites
         ],
     }
+    write_cache_file(path, lambda f: torch.save(blob, f))
+
+
+def write_cache_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write a cache file atomically (concurrent loaders never see a partial file); a cache
+    folder that cannot be written only warns, since the data can always be rebuilt."""
+    tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        os.close(fd)
-        try:
-            torch.save(blob, tmp)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
     except OSError as exc:
-        warnings.warn(f"could not write the dataset cache {path}: {exc}", stacklevel=3)
+        warnings.warn(
+            f"could not write the dataset cache {path}: {exc} (the data are rebuilt next time)",
+            stacklevel=3,
+        )
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def load_cache(path: Path) -> FederatedData | None:

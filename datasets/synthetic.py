@@ -31,8 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -44,6 +42,7 @@ from scipy.ndimage import gaussian_filter
 
 from pflbench.data import DataError, FederatedData, SiteData
 from pflbench.dataset import Dataset
+from pflbench.datasets._io import write_cache_file
 
 __all__ = [
     "AcquisitionParams",
@@ -925,19 +924,11 @@ class Synthetic(Dataset):
             return None
 
     def _write_cache(self, path: Path, arrays: list[dict[str, np.ndarray]]) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload: dict[str, np.ndarray] = {"meta": np.asarray(json.dumps(self._resolved()))}
         for k, a in enumerate(arrays):
             for key, v in a.items():
                 payload[f"{key}_{k}"] = v
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **payload)
-            os.replace(tmp, path)  # atomic: concurrent loaders never see a partial file
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_cache_file(path, lambda f: np.savez(f, **payload))
 
     def load(self) -> FederatedData:
         spec = _FLAVOURS[self.flavour]

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from pflbench.registry import RegistryError, registry
-from pflbench.suite import MAX_WORKERS, Suite, SuiteError, load_suite, peek_suite
+from pflbench.suite import MAX_WORKERS, Suite, SuiteError, load_suite
 
 console = Console(stderr=True)
 # wide tables stay readable in logs and pipes (rich would otherwise wrap them at 80 columns)
@@ -235,30 +235,22 @@ def run(
     or --storage goes through the Optuna storage (a killed sweep resumes; more machines can join
     with `pflbench worker`).
     """
-    from pflbench.pool import resolve_workers, start_children, stop_children
+    from pflbench.pool import resolve_workers, start_children
 
     # SIGTERM (a scheduler's stop) unwinds like Ctrl-C: child workers are stopped, each closing
     # its trial for a retry, and the exit code is 130
     signal.signal(signal.SIGTERM, _terminate)
 
     overrides = _run_overrides(overrides, threads)
+    # The suite is validated before any worker starts, so an invalid suite gives one error and
+    # no child process (children then load it again, and wait until the sweep exists).
+    suite = _load(suite_path, overrides)
     if dry_run:
-        suite = _load(suite_path, overrides)
         _dry_run(suite, Path(out) if out else default_out(suite, suite_path))
         return
-    # Children first, so that their imports overlap ours (they wait until the sweep exists); the
-    # suite's own `workers` is read from the raw file here, and checked after validation.
-    raw = peek_suite(suite_path, overrides)
-    requested = workers if workers is not None else raw.get("workers", 1)
-    protocol = raw.get("protocol")
-    n = resolve_workers(requested, protocol.get("threads") if isinstance(protocol, dict) else None)
-    children = start_children(suite_path, out, storage, n, overrides) if n > 1 else None
-    suite = _load(suite_path, overrides)
     requested = workers if workers is not None else suite.workers
-    if resolve_workers(requested, suite.protocol.threads) != n:  # the raw peek was wrong
-        stop_children(children or [])
-        n, children = resolve_workers(requested, suite.protocol.threads), None
-    workers = n
+    workers = resolve_workers(requested, suite.protocol.threads)
+    children = start_children(suite_path, out, storage, workers, overrides) if workers > 1 else None
     out_dir = Path(out) if out else default_out(suite, suite_path)
     sweep = suite.tuning is not None or workers > 1 or storage is not None
 

@@ -778,16 +778,6 @@ def apply_overrides(raw: Any, overrides: Sequence[str], where: str) -> Any:
     return raw
 
 
-def peek_suite(path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """The suite file's raw mapping, unvalidated, or {} if it cannot be read: for the decisions
-    ``pflbench run`` takes before the (slower) validation, which reports any problem later."""
-    try:
-        raw = apply_overrides(read_yaml(Path(path)), overrides, str(path))
-    except SuiteError:
-        return {}
-    return raw if isinstance(raw, dict) else {}
-
-
 def load_suite(path: str | Path, overrides: Sequence[str] = ()) -> Suite:
     """Read and validate a suite file, with ``--set`` overrides applied first."""
     path = Path(path)

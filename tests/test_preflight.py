@@ -75,6 +75,20 @@ def test_missing_data_root_fails_before_training(tmp_path):
     assert not (tmp_path / "out" / "results").exists()
 
 
+def test_invalid_suite_starts_no_worker(suite_file, tmp_path, monkeypatch):
+    import pflbench.pool
+
+    started = []
+    monkeypatch.setattr(pflbench.pool, "start_children", lambda *a, **k: started.append(a) or [])
+    res = _run(str(suite_file), "--workers", "2", "--set", "protocol.round=2", "--quiet")
+    assert res.exit_code == 2
+    (line,) = _error_lines(res.output)
+    assert "protocol.round" in line and started == []
+    ok = _run(str(suite_file), "--workers", "2", "--out", str(tmp_path / "o"), "--quiet")
+    assert ok.exit_code == 0, ok.output
+    assert len(started) == 1  # the same call with a valid suite does start the children
+
+
 def test_set_overrides_are_validated_like_the_file(suite_file):
     suite = load_suite(suite_file, ["protocol.rounds=3", "seeds=[5]", "datasets.0.options.size=32"])
     assert suite.protocol.rounds == 3 and suite.seeds == [5]

@@ -418,6 +418,18 @@ def test_cache_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert Synthetic(flavour="prostate", size=32).cache_key() == ds.cache_key()
 
 
+def test_unwritable_cache_dir_only_warns(tmp_path: Path) -> None:
+    """As for the real datasets: the data are still generated; only the cache is skipped."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    ds = Synthetic(size=16, cache_dir=str(blocker / "cache"))
+    with pytest.warns(UserWarning, match=r"could not write the dataset cache .*a-file"):
+        data = ds.load()
+    assert data.fingerprint() == Synthetic(size=16).load().fingerprint()
+    assert not ds.loaded_from_cache and blocker.read_text() == "not a folder"
+    assert [p.name for p in tmp_path.iterdir()] == ["a-file"]  # no temporary file left behind
+
+
 def test_corrupt_cache_is_regenerated(tmp_path: Path) -> None:
     ds = Synthetic(size=32, cache_dir=str(tmp_path))
     path = ds.cache_path()
