@@ -454,7 +454,8 @@ file), .tif .tiff (2-D, or a Z×H×W stack)"""
         )
 
     def read_image(self, path: Path) -> tuple[np.ndarray, Any]:
-        """The chosen channel of a case as H×W×Z float32 in [0, 1] (2-D images: Z = 1)."""
+        """The chosen channel of a case as H×W×Z, raw (2-D images: Z = 1); intensities are
+        scaled in :meth:`preprocess`, so that `data check` does not pay for it."""
         try:
             arr, spacing = _io.read_file(path, "image")
         except Exception as exc:
@@ -462,18 +463,15 @@ file), .tif .tiff (2-D, or a Z×H×W stack)"""
         item = self._by_image.get(path)
         inner, channels = (item.inner, item.channels) if item is not None else (None, 1)
         try:
-            grid, volume = _grid_of(np.asarray(arr), _io.suffix(path), channels, inner)
+            grid = _grid_of(np.asarray(arr), _io.suffix(path), channels, inner)
         except ChannelMismatch as exc:
             raise DataError(f"{self.name}: image {path}: {exc}") from exc
-        if volume:
-            return _io.normalize_volume(grid, 99.0), spacing
-        return _io.to_unit(grid), spacing
+        return grid, spacing
 
     def read_mask(self, path: Path) -> np.ndarray:
         try:
             arr, _ = _io.read_file(path, "mask")
-            grid, _ = _grid_of(np.asarray(arr), _io.suffix(path), 1, None)
-            return grid
+            return _grid_of(np.asarray(arr), _io.suffix(path), 1, None)
         except Exception as exc:
             raise DataError(f"{self.name}: cannot read mask {path}: {exc}") from exc
 
@@ -493,6 +491,10 @@ file), .tif .tiff (2-D, or a Z×H×W stack)"""
     def preprocess(
         self, item: _io.Item, image: np.ndarray, label: np.ndarray, spacing: Any
     ) -> list[_io.Sample]:
+        if _io.suffix(item.image) in _io.NIFTI_EXTS or image.shape[-1] > 1:  # a volume
+            image = _io.normalize_volume(image, 99.0)
+        else:
+            image = _io.to_unit(image)
         vol, lab = _io.pad_square(image), _io.pad_square(label)
         return [
             (
@@ -514,16 +516,21 @@ file), .tif .tiff (2-D, or a Z×H×W stack)"""
                 f"{item.image} is {_io._shape(image.shape)}"
             )
         dec = self.decoding(item.mask)
-        bad = dec.unexpected(_io.label_values(raw))
+        n = len(dec.expected or ())
+        clean = (
+            raw.size == 0
+            or (float(raw.min()) >= 0 and float(raw.max()) < n)
+            and (np.issubdtype(raw.dtype, np.integer) or bool(np.all(raw == np.round(raw))))
+        )
+        bad = [] if clean else dec.unexpected(_io.label_values(raw))
         if bad:
             raise DataError(
                 f"{self.name}: mask {item.mask} holds label value(s) {bad[:10]} that "
                 f"{self._spec.path if self._spec else 'dataset.json'} does not declare "
                 f"(expected {dec.expected_text()})"
             )
-        return self.preprocess(item, image, dec.decode(raw), spacing), self._spacing(
-            spacing, image.shape
-        )
+        label = raw.astype(np.int64)  # the values are the class ids, checked above
+        return self.preprocess(item, image, label, spacing), self._spacing(spacing, image.shape)
 
     def _spacing(self, spacing: Any, shape: tuple[int, ...]) -> tuple[float, float] | None:
         """In-plane spacing of the output: the header's, scaled by the padded side / size."""
@@ -559,27 +566,24 @@ file), .tif .tiff (2-D, or a Z×H×W stack)"""
         )
 
 
-def _grid_of(
-    arr: np.ndarray, ext: str, channels: int, inner: int | None
-) -> tuple[np.ndarray, bool]:
-    """A raw array → (H×W×Z of one channel, whether it is a volume).
+def _grid_of(arr: np.ndarray, ext: str, channels: int, inner: int | None) -> np.ndarray:
+    """A raw array → H×W×Z of one channel.
 
     NIfTI: X×Y×Z as stored. 2-D files: H×W, or H×W×C when one file holds ``channels`` > 1
     channels (``inner`` picks one). TIFF: a 3-D array whose last axis is not a channel axis is a
     Z×H×W stack, moved to H×W×Z.
     """
     if ext in _io.NIFTI_EXTS:
-        vol = _io.as_volume(arr)
-        return vol, True
+        return _io.as_volume(arr)
     if arr.ndim == 3 and arr.shape[-1] <= 4 < arr.shape[0]:  # H×W×C
         if arr.shape[-1] != channels:
             want = f"{channels} channel(s) in one file" if channels > 1 else "one channel a file"
             raise ChannelMismatch(f"the file holds {arr.shape[-1]} channels; expected {want}")
-        return arr[..., inner or 0][..., None], False
+        return arr[..., inner or 0][..., None]
     if channels > 1:
         raise ChannelMismatch(f"the file holds one channel; expected {channels} in one file")
     if arr.ndim == 2:
-        return arr[..., None], False
+        return arr[..., None]
     if arr.ndim == 3 and ext in _io.TIFF_EXTS:
-        return np.moveaxis(arr, 0, -1), True
+        return np.moveaxis(arr, 0, -1)
     raise ValueError(f"not a 2-D image or a 3-D volume: array of shape {arr.shape}")
