@@ -178,6 +178,23 @@ or
   Dataset002_<SiteB>/             ... (every dataset.json: same channels and labels)
 <ext> = file_ending: .nii.gz .nii (3-D, sliced along the last axis), .png .bmp (2-D; RGB in one
 file), .tif .tiff (2-D, or a Z×H×W stack)"""
+    source: ClassVar[str] = (
+        "any dataset in nnU-Net v2's raw format (e.g. a Medical Segmentation Decathlon task once "
+        "converted), split into sites by a case→site CSV or given as one dataset folder per site"
+    )
+    homepage: ClassVar[str] = (
+        "https://github.com/MIC-DKFZ/nnUNet (documentation/dataset_format.md: the layout)"
+    )
+    licence: ClassVar[str] = "that of the dataset you bring"
+    access: ClassVar[str] = (
+        "convert your data to nnU-Net v2's raw format (nnU-Net's dataset_conversion scripts and "
+        "documentation/convert_msd_dataset.md) and add a case,site CSV; nothing is downloaded"
+    )
+    citation: ClassVar[str] = (
+        "F. Isensee, P. F. Jaeger, S. A. A. Kohl, J. Petersen, K. H. Maier-Hein, *nnU-Net: a "
+        "self-configuring method for deep learning-based biomedical image segmentation*, "
+        "Nature Methods 2021; and the dataset you bring"
+    )
     channels: ClassVar[int] = 1
     volumetric: ClassVar[bool] = True  # every case is read as H×W×Z (2-D images: Z = 1)
 
