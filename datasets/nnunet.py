@@ -112,6 +112,11 @@ def _labels(value: Any, shown: str) -> dict[str, Any]:
         raise DataError(
             f'{shown}: labels must map names to ids with "background": 0 (got {value!r})'
         )
+    if "ignore" in value:
+        raise DataError(
+            f"{shown}: labels.ignore is nnU-Net's ignore label (sparse annotation); pflbench "
+            "trains and scores every pixel, so it cannot use such a dataset"
+        )
     ids: dict[str, list[int]] = {}
     for name, v in value.items():
         vs = v if isinstance(v, list) else [v]

@@ -217,6 +217,8 @@ def test_load_refuses_what_check_reports(tmp_path: Path) -> None:
         ({"labels": {"background": 0, "x": 1, "y": 1}}, r"labels gives one id to several names"),
         ({"channel_names": {"1": "T2"}}, r'channel_names must map "0", "1", \.\.\.'),
         ({"file_ending": ".mha"}, r"file_ending '.mha' is not one this loader reads"),
+        ({"labels": {"background": 0, "x": 1, "ignore": 2}}, r"labels.ignore is nnU-Net's ignore"),
+        ({"numTraining": "7"}, r"numTraining must be a count of cases \(got '7'\)"),
     ],
 )
 def test_bad_dataset_json_names_the_file_and_key(tmp_path: Path, change, message) -> None:
