@@ -40,6 +40,13 @@ NPY_EXTS = (".npy",)
 IMAGE_EXTS = PIL_EXTS + TIFF_EXTS + NIFTI_EXTS + NPY_EXTS
 LOSSY_EXTS = (".jpg", ".jpeg")
 
+#: The benchmark whose layouts the polyp, vessel and gland loaders read (their citation).
+FL_MEDSEGBENCH = (
+    "M. Zhu, Z. Wang, A. Mao, Y. Li, X. Xing, Y. Yuan, E. Y. Lam, *FL-MedSegBench: A "
+    "Comprehensive Benchmark for Federated Learning on Medical Image Segmentation*, "
+    "arXiv 2603.11659"
+)
+
 
 # --------------------------------------------------------------------------------------------
 # File names

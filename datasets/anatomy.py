@@ -78,7 +78,7 @@ SOURCES: dict[str, Source] = {
         mask=f"{_MRICRON}/ch2bet.nii.gz",
         modality="mri",
         structure="brain",
-        license="mricron-data (Colin27 template)",
+        license="see the package's copyright file, /usr/share/doc/mricron-data/copyright",
         decoding=_io.Decoding("bet", "Colin27 ch2bet (brain-extracted T1): >0 brain", threshold=0),
     ),
     "nuclei": Source(
@@ -122,6 +122,31 @@ source nuclei (pip install --no-deps stardist):
   <site-packages>/stardist/data/images/img2d.tif
   <site-packages>/stardist/data/images/mask2d.tif
 (or give image_path and mask_path)"""
+    source: ClassVar[str] = (
+        "real images with real masks that ship in packages (reference/data.md §1): ITK's example "
+        "T1 brain MRI with its skull-strip mask, the Colin27 T1 template with its brain mask, "
+        "and stardist's DSB2018 nuclei image with instance labels; the sites are synthetic "
+        "acquisition chains over disjoint slices / tiles"
+    )
+    homepage: ClassVar[str] = "; ".join(
+        f"`{k}`: "
+        + (
+            f"https://pypi.org/project/{s.package}/"
+            if s.install.startswith("pip")
+            else f"https://packages.debian.org/{s.package}"
+        )
+        for k, s in SOURCES.items()
+    )
+    licence: ClassVar[str] = "; ".join(f"`{k}`: {s.license}" for k, s in SOURCES.items())
+    access: ClassVar[str] = (
+        "; ".join(f"`{k}`: `{s.install}`" for k, s in SOURCES.items())
+        + "; the loader finds the files at their installed paths"
+    )
+    citation: ClassVar[str] = (
+        "J. C. Caicedo et al., *Nucleus segmentation across imaging experiments: the 2018 Data "
+        "Science Bowl*, Nature Methods 2019 (nuclei); C. J. Holmes et al., J. Comput. Assist. "
+        "Tomogr. 1998 (Colin27); the Insight Toolkit (brain-t1)"
+    )
 
     def __init__(
         self,

@@ -63,6 +63,20 @@ class Fundus(_io.FolderDataset):
   Domain3/ ...               REFUGE train 320 train + 80 test
   Domain4/ ...               REFUGE val   320 train + 80 test"""
     channels: ClassVar[int] = 3
+    source: ClassVar[str] = (
+        "colour fundus regions of interest with optic disc and cup masks from four public sets "
+        "(Drishti-GS, RIM-ONE-r3, REFUGE train, REFUGE val) as prepared for DoFE and used by FedDG"
+    )
+    homepage: ClassVar[str] = "https://github.com/emma-sjwang/Dofe"
+    access: ClassVar[str] = (
+        "download the fundus collection linked from the DoFE repository; it unpacks to "
+        "`Fundus/Domain1..4`"
+    )
+    citation: ClassVar[str] = (
+        "S. Wang, L. Yu, K. Li, X. Yang, C.-W. Fu, P.-A. Heng, *DoFE: Domain-oriented Feature "
+        "Embedding for Generalizable Fundus Image Segmentation on Unseen Datasets*, IEEE TMI "
+        "2020; and the four source sets (Drishti-GS, RIM-ONE-r3, REFUGE)"
+    )
 
     def __init__(
         self,

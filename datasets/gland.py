@@ -68,6 +68,27 @@ class Gland(_io.FolderDataset):
   CAMG/Meibomian_Gland_Labels/<...Seg...>.png        (the image's name, Image -> Seg)
 labels: grey value > 100 is gland"""
     channels: ClassVar[int] = 3
+    source: ClassVar[str] = (
+        "infrared meibography with Meibomian gland masks from two sets, MGD-1K (1,000 images) "
+        "and CAMG, in the layout of FL-MedSegBench's Meibomian gland task (Fed-MG), pFL-ResFIM's "
+        "gland task"
+    )
+    homepage: ClassVar[str] = (
+        "https://github.com/meiluzhu/FL-MedSegBench (docs/datasets/Fed-MG.md, a placeholder "
+        "page when read)"
+    )
+    licence: ClassVar[str] = (
+        "see the project page (none stated when read: FL-MedSegBench's Fed-MG page carried "
+        "template text)"
+    )
+    access: ClassVar[str] = (
+        "not stated publicly when read: obtain MGD-1K and CAMG from their releases or authors "
+        "and arrange them as below"
+    )
+    citation: ClassVar[str] = (
+        f"{_io.FL_MEDSEGBENCH}; M. Zhu et al., pFL-ResFIM, ISBI 2026 (arXiv 2603.14848); the MGD-1K and "
+        "CAMG releases"
+    )
 
     def __init__(
         self,

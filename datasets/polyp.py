@@ -60,6 +60,27 @@ sites, layout flmedsegbench5: CVC-300 (60), CVC-ClinicDB (612), CVC-ColonDB (380
 sites, layout 4site:          Kvasir (1000), ETIS (196), ColonDB (380), ClinicDB (612)"""
     channels: ClassVar[int] = 3
 
+    source: ClassVar[str] = (
+        "colonoscopy frames with polyp masks from public sets: FL-MedSegBench's Fed-Polyp pools "
+        "CVC-300 (EndoScene), CVC-ClinicDB, CVC-ColonDB, EndoTect 2020 and ETIS-LaribPolypDB as "
+        "five clients; the 4-site layout takes Kvasir-SEG, ETIS, CVC-ColonDB and CVC-ClinicDB"
+    )
+    homepage: ClassVar[str] = (
+        "https://github.com/meiluzhu/FL-MedSegBench (docs/datasets/Fed-Polyp.md); Kvasir-SEG: "
+        "https://datasets.simula.no/kvasir-seg/"
+    )
+    licence: ClassVar[str] = "see the project page of each source set"
+    access: ClassVar[str] = (
+        "FL-MedSegBench's Fed-Polyp page links a download of its five-client collection; for "
+        "the 4-site layout get each set from its own release and arrange `<site>/{images,masks}`"
+    )
+    citation: ClassVar[str] = (
+        f"{_io.FL_MEDSEGBENCH}; Vázquez et al., J. Healthc. Eng. 2017 (CVC-300); Bernal et al., Comput. Med. "
+        "Imaging Graph. 2015 (CVC-ClinicDB); Bernal et al., Pattern Recognit. 2012 "
+        "(CVC-ColonDB); Hicks et al., ICPR 2021 (EndoTect); Silva et al., IJCARS 2014 "
+        "(ETIS-LaribPolypDB); Jha et al., MMM 2020 (Kvasir-SEG)"
+    )
+
     def __init__(
         self,
         *,

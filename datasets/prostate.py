@@ -57,6 +57,27 @@ class Prostate(_io.FolderDataset):
 (mask names: CaseNN_segmentation.nii.gz or CaseNN_Segmentation.nii.gz; .nii also accepted)"""
     channels: ClassVar[int] = 1
     volumetric: ClassVar[bool] = True
+    source: ClassVar[str] = (
+        "T2 prostate MRI of six sites as collected for SAML and MS-Net: RUNMC and BMC from "
+        "NCI-ISBI 2013, I2CVB, and UCL, BIDMC and HK from PROMISE12, re-released with masks"
+    )
+    homepage: ClassVar[str] = (
+        "https://github.com/liuquande/SAML (SAML's paper: code and dataset are available there)"
+    )
+    licence: ClassVar[str] = (
+        "see the project page (the cases come from NCI-ISBI 2013, I2CVB and PROMISE12, whose "
+        "own terms apply)"
+    )
+    access: ClassVar[str] = (
+        "download the preprocessed six-site collection linked from the project page; each site "
+        "is a folder of `CaseNN.nii.gz` volumes with their masks"
+    )
+    citation: ClassVar[str] = (
+        "Q. Liu, Q. Dou, P.-A. Heng, *Shape-aware Meta-learning for Generalizing Prostate MRI "
+        "Segmentation to Unseen Domains*, MICCAI 2020; Q. Liu, Q. Dou, L. Yu, P.-A. Heng, "
+        "*MS-Net: Multi-Site Network for Improving Prostate Segmentation with Heterogeneous MRI "
+        "Data*, IEEE TMI 2020"
+    )
 
     def __init__(
         self,

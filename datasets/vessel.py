@@ -53,6 +53,29 @@ class Vessel(_io.FolderDataset):
     Test/Original/Labels/<name>
 labels: grey value > 100 is vessel"""
     channels: ClassVar[int] = 3
+    source: ClassVar[str] = (
+        "retinal vessel masks of six public fundus sets (CHASE_DB1, DR HAGIS, DRIVE, HRF, "
+        "LES-AV, ORVS) in the layout of FL-MedSegBench's Fed-Vessel task, pFL-ResFIM's vessel task"
+    )
+    homepage: ClassVar[str] = (
+        "https://github.com/meiluzhu/FL-MedSegBench (docs/datasets/Fed-Vessel.md); DRIVE: "
+        "https://drive.grand-challenge.org/; HRF: https://www5.cs.fau.de/research/data/fundus-images/"
+    )
+    licence: ClassVar[str] = (
+        "see the project page of each source set (FL-MedSegBench's Fed-Vessel page carried "
+        "template text, not these data's terms, when read)"
+    )
+    access: ClassVar[str] = (
+        "FL-MedSegBench's Fed-Vessel page had no download link when read: get each set from its "
+        "own release and arrange `<site>/{Train,Test}/Original/{Images,Labels}` with the set's "
+        "official train / test split"
+    )
+    citation: ClassVar[str] = (
+        f"{_io.FL_MEDSEGBENCH}; Staal et al., IEEE TMI 2004 (DRIVE); Fraz et al., IEEE TBME 2012 "
+        "(CHASE_DB1); Budai et al., Int. J. Biomed. Imaging 2013 (HRF); Holm et al., J. Med. "
+        "Imaging 2017 (DR HAGIS); Orlando et al., MICCAI OMIA 2018 (LES-AV); ORVS: see "
+        "FL-MedSegBench"
+    )
 
     def __init__(
         self,

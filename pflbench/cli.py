@@ -265,6 +265,7 @@ def run(
     n_runs = len(cells)
     t_start = time.perf_counter()
     skipped = 0
+    unwritten: list[str] = []  # runs that trained but could not be written (a full disk)
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -295,6 +296,13 @@ def run(
         def on_round(r, total):
             progress.update(round_task, completed=r, total=total)
 
+        def failed(spec, exc):
+            unwritten.append(exc.run_key)
+            console.print(
+                f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+            )
+            progress.advance(runs_task)
+
         try:
             if sweep:
                 from pflbench.worker import run_sweep
@@ -311,7 +319,14 @@ def run(
                 )
                 n_runs, skipped = result.runs, result.skipped
             else:
-                run_suite(suite, out_dir, on_run_start=start, on_run_end=end, on_round=on_round)
+                run_suite(
+                    suite,
+                    out_dir,
+                    on_run_start=start,
+                    on_run_end=end,
+                    on_round=on_round,
+                    on_run_error=failed,
+                )
         except (SuiteError, RegistryError, ValueError) as exc:
             _fail(str(exc))
     wall = time.perf_counter() - t_start
@@ -331,15 +346,28 @@ def run(
         + (f"; summary: {summary}" if summary else "")
     )
     if not no_report:
-        try:
-            from pflbench.report import build_report
-        except ImportError:
-            return
-        try:
-            path = build_report(out_dir)
-            console.print(f"report: {path}")
-        except Exception as exc:  # a report problem never loses the finished runs
-            console.print(f"[yellow]report failed:[/] {type(exc).__name__}: {exc}")
+        _report(out_dir)
+    if unwritten:
+        console.print(
+            f"{len(unwritten)} run(s) could not be written ({', '.join(unwritten)}); free space "
+            "and run the same command again: it redoes only those",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)
+
+
+def _report(out_dir: Path) -> None:
+    """Build the report of ``out_dir`` (when the report extra is installed)."""
+    try:
+        from pflbench.report import build_report
+    except ImportError:
+        return
+    try:
+        path = build_report(out_dir)
+        console.print(f"report: {path}")
+    except Exception as exc:  # a report problem never loses the finished runs
+        console.print(f"[yellow]report failed:[/] {type(exc).__name__}: {exc}")
 
 
 @main.command()

@@ -168,14 +168,14 @@ def write_run(out: str | Path, run_key: str, records: RunRecords) -> Path:
             table = _typed(getattr(records, name), name)
             table.to_parquet(buf, index=False)
             blob = buf.getvalue()
-            (tmp / f"{name}.parquet").write_bytes(blob)
+            _write_file(tmp / f"{name}.parquet", blob)
             files[f"{name}.parquet"] = {
                 "rows": len(table),
                 "sha256": hashlib.sha256(blob).hexdigest(),
             }
         manifest = {**records.manifest, "files": files}
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-        (tmp / "DONE").write_text(records.manifest.get("finished_at", ""))
+        _write_file(tmp / "manifest.json", json.dumps(manifest, indent=2, default=str).encode())
+        _write_file(tmp / "DONE", str(records.manifest.get("finished_at", "")).encode())
         for f in tmp.iterdir():
             _fsync(f)
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700: collaborators could not read it
@@ -194,6 +194,11 @@ def write_run(out: str | Path, run_key: str, records: RunRecords) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return final
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Every file of a run is written here (one place where a full disk shows up)."""
+    path.write_bytes(data)
 
 
 def _umask() -> int:

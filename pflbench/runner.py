@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from pflbench.results import (
     clean_leftovers,
     is_done,
     read_manifest,
+    results_dir,
     write_alias,
     write_run,
 )
@@ -236,6 +238,45 @@ class Busy(RuntimeError):
     """Another process holds the cell's claim (:func:`execute` with ``wait=False``)."""
 
 
+class RunWriteError(RuntimeError):
+    """A run trained but its results could not be written to the run folder (a full disk, a
+    read-only mount, ...). Nothing half-written is left there: the cell is not DONE, so the same
+    command redoes it. ``fallback`` is where the trained run's results were saved instead
+    (``None`` when that failed too)."""
+
+    def __init__(self, run_key: str, folder: Path, cause: OSError, fallback: Path | None) -> None:
+        self.run_key, self.folder, self.cause, self.fallback = run_key, folder, cause, fallback
+        reason = cause.strerror or str(cause)
+        saved = (
+            f"its results were saved to {fallback} (copy that folder into {folder.parent} to keep "
+            "them, or run the same command again to redo the run)"
+            if fallback is not None
+            else "its results could not be saved anywhere; run the same command again to redo it"
+        )
+        super().__init__(f"could not write run {run_key} to {folder}: {reason}; {saved}")
+
+
+def fallback_dir() -> Path:
+    """Where a run that cannot be written to its folder is saved instead:
+    ``$PFLBENCH_FALLBACK``, else ``<system temp>/pflbench-unsaved`` (often another disk)."""
+    env = os.environ.get("PFLBENCH_FALLBACK")
+    return Path(env).expanduser() if env else Path(tempfile.gettempdir()) / "pflbench-unsaved"
+
+
+def _save(out: str | Path, run_key: str, records: RunRecords) -> None:
+    """Write the run; on an OS error keep the trained results in the fallback folder (same
+    layout) and raise :class:`RunWriteError`, which names both folders."""
+    try:
+        write_run(out, run_key, records)
+    except OSError as exc:
+        fallback: Path | None
+        try:
+            fallback = write_run(fallback_dir(), run_key, records)
+        except OSError:
+            fallback = None
+        raise RunWriteError(run_key, results_dir(out) / run_key, exc, fallback) from exc
+
+
 def _train(
     spec: RunSpec,
     out: str | Path,
@@ -288,7 +329,7 @@ def _train(
         **spec.extra,
         **result.info,
     }
-    write_run(out, run_key, RunRecords(result.rounds, result.comm, result.cases, manifest))
+    _save(out, run_key, RunRecords(result.rounds, result.comm, result.cases, manifest))
     return manifest
 
 
@@ -316,12 +357,14 @@ def run_suite(
     on_run_start: Callable[[RunSpec, int, int], None] | None = None,
     on_run_end: Callable[[RunSpec, str, dict | None], None] | None = None,
     on_round: RoundCallback | None = None,
+    on_run_error: Callable[[RunSpec, RunWriteError], None] | None = None,
 ) -> list[str]:
-    """Run every cell in order, skipping DONE ones; returns the run keys.
+    """Run every cell in order, skipping DONE ones; returns the run keys of the finished cells.
 
     A cell another process is running (a second ``pflbench run`` on the same folder) is put off
     to the end and then waited for, so two invocations share the cells instead of repeating
-    them."""
+    them. A cell whose results cannot be written (:class:`RunWriteError`) goes to
+    ``on_run_error`` (raised when there is none) and the sweep goes on with the next cell."""
     clean_leftovers(out)  # temporary folders of writers that crashed
     cache = DataCache()
     cells = plan(suite)
@@ -338,6 +381,11 @@ def run_suite(
                 key, manifest = execute(spec, out, cache, on_round=on_round, wait=wait)
             except Busy:
                 later.append(i)
+                continue
+            except RunWriteError as exc:
+                if on_run_error is None:
+                    raise
+                on_run_error(spec, exc)
                 continue
             if on_run_end:
                 on_run_end(

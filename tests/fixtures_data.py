@@ -6,6 +6,7 @@ few tiny images into a folder and returns what it wrote, so tests can count and 
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -306,4 +307,119 @@ def make_gland_tree(
             mask = write_pillow(base / "Meibomian_Gland_Labels" / mname, gland_label(*size, si, i))
             tree.add(site, case, img_path, mask)
         tree.images[site] = n
+    return tree
+
+
+# ------------------------------------------------------------------------------------------
+# nnU-Net v2 raw: DatasetNNN_<Name>/{dataset.json, imagesTr/CASE_XXXX<ext>, labelsTr/CASE<ext>}
+# ------------------------------------------------------------------------------------------
+
+NNUNET_BINARY = {"background": 0, "prostate": 1}
+NNUNET_MULTI = {"background": 0, "zone": 1, "core": 2}
+
+
+def write_nnunet_dataset(
+    folder: Path,
+    cases: list[str],
+    *,
+    ending: str = ".nii.gz",
+    channels: tuple[str, ...] = ("T2",),
+    labels: dict[str, int] | None = None,
+    shape: tuple[int, int, int] = (20, 24, 4),
+    fg_slices: tuple[int, ...] = (1, 2),
+    rgb_png: bool = False,
+    key: int = 0,
+) -> dict[str, tuple[list[Path], Path]]:
+    """One nnU-Net v2 raw dataset folder in the real formats; returns case → (channel files, label).
+
+    NIfTI cases are X×Y×Z volumes with foreground on ``fg_slices``; 2-D endings (``.png``,
+    ``.tif``) write H×W images of ``shape[:2]``. ``rgb_png``: one RGB ``.png`` holds all
+    ``channels`` (3), as nnU-Net's natural-image datasets do. With two foreground labels the
+    mask holds 1 in a disc and 2 in its upper half; with one, the whole disc is 1.
+    """
+    import tifffile
+
+    labels = labels or NNUNET_BINARY
+    multi = len(labels) > 2
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "dataset.json").write_text(
+        json.dumps(
+            {
+                "channel_names": {str(i): n for i, n in enumerate(channels)},
+                "labels": labels,
+                "numTraining": len(cases),
+                "file_ending": ending,
+            }
+        )
+    )
+    out: dict[str, tuple[list[Path], Path]] = {}
+    for ci, case in enumerate(cases):
+        vol, mask = prostate_case(shape, list(fg_slices), 70 + key, ci)
+        if not multi:
+            mask = (mask > 0).astype(np.uint8)
+        files: list[Path] = []
+        label = folder / "labelsTr" / f"{case}{ending}"
+        if ending in (".nii.gz", ".nii"):
+            for c in range(len(channels)):
+                files.append(write_nifti(folder / "imagesTr" / f"{case}_{c:04d}{ending}", vol + c))
+            write_nifti(label, mask)
+        else:
+            z = fg_slices[0]
+            img2d = np.clip(vol[:, :, z] / 4, 0, 255).astype(np.uint8)
+            if rgb_png:
+                rgb = np.stack([img2d, 255 - img2d, img2d // 2], axis=-1)
+                files.append(write_pillow(folder / "imagesTr" / f"{case}_0000{ending}", rgb))
+            for c in range(0 if rgb_png else len(channels)):
+                path = folder / "imagesTr" / f"{case}_{c:04d}{ending}"
+                if ending in (".tif", ".tiff"):
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tifffile.imwrite(str(path), (img2d.astype(np.uint16) + c) * 200)
+                    files.append(path)
+                else:
+                    files.append(write_pillow(path, img2d + c))
+            if ending in (".tif", ".tiff"):
+                label.parent.mkdir(parents=True, exist_ok=True)
+                tifffile.imwrite(str(label), mask[:, :, z])
+            else:
+                write_pillow(label, mask[:, :, z])
+        out[case] = (files, label)
+    return out
+
+
+def make_nnunet_tree(
+    root: Path,
+    sites: dict[str, int] | None = None,
+    *,
+    layout: str = "csv",
+    **kwargs,
+) -> Tree:
+    """An nnU-Net v2 raw tree with ``sites`` (site → cases, default A: 3, B: 4).
+
+    ``layout="csv"``: one ``Dataset010_Pooled`` folder (the tree's root) with ``sites.csv``
+    (case,site); ``layout="folders"``: ``root/Dataset00k_<site>`` per site. Keyword arguments go
+    to :func:`write_nnunet_dataset`. ``files`` holds (the first channel's file, the label).
+    """
+    sites = sites or {"A": 3, "B": 4}
+    volume = kwargs.get("ending", ".nii.gz") in (".nii.gz", ".nii")
+    per_case = len(kwargs.get("fg_slices", (1, 2))) if volume else 1
+    if layout == "csv":
+        folder = root / "Dataset010_Pooled"
+        cases = {s: [f"{s.lower()}{i:03d}" for i in range(n)] for s, n in sites.items()}
+        written = write_nnunet_dataset(folder, [c for cs in cases.values() for c in cs], **kwargs)
+        rows = ["case,site"] + [f"{c},{s}" for s, cs in cases.items() for c in cs]
+        (folder / "sites.csv").write_text("\n".join(rows) + "\n")
+        tree = Tree(root=folder)
+        for s, cs in cases.items():
+            for c in cs:
+                tree.add(s, c, written[c][0][0], written[c][1])
+            tree.images[s] = len(cs) * per_case
+        return tree
+    tree = Tree(root=root)
+    for k, (s, n) in enumerate(sites.items(), 1):
+        folder = root / f"Dataset{k:03d}_{s}"
+        tree.folders[s] = folder
+        written = write_nnunet_dataset(folder, [f"case{i:03d}" for i in range(n)], key=k, **kwargs)
+        for c, (files, label) in written.items():
+            tree.add(s, c, files[0], label)
+        tree.images[s] = n * per_case
     return tree

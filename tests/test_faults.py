@@ -171,6 +171,62 @@ def test_a_full_disk_mid_append_leaves_no_torn_record(tmp_path, monkeypatch):
     assert [t.value for t in _trials(tmp_path)] == [*map(float, range(n)), 7.0]
 
 
+def test_a_full_disk_when_one_run_is_written_fails_that_run_only_and_a_rerun_redoes_it(
+    tmp_path, monkeypatch
+):
+    """Seed 1's result write hits ENOSPC halfway (two tables written, the third refused): the
+    sweep says so in one line naming the run and its folder, keeps the trained results in the
+    fallback folder, leaves nothing under --out that reads as finished, finishes seeds 0 and 2,
+    exits 1; the same command then trains seed 1 alone."""
+    from click.testing import CliRunner
+
+    import pflbench.results as results_mod
+    from pflbench.cli import main
+
+    suite = tmp_path / "s.yaml"
+    raw = small_suite(seeds=[0, 1, 2])
+    raw["protocol"]["rounds"] = 1
+    suite.write_text(yaml.safe_dump(raw))
+    out, fallback = tmp_path / "out", tmp_path / "fallback"
+    monkeypatch.setenv("PFLBENCH_FALLBACK", str(fallback))
+    real = results_mod._write_file
+    refused: list[Path] = []
+
+    def full_disk(path: Path, data: bytes) -> None:
+        if path.is_relative_to(out) and "-s1-" in path.parent.name and path.name == "cases.parquet":
+            refused.append(path)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(path, data)
+
+    monkeypatch.setattr(results_mod, "_write_file", full_disk)
+    args = ["run", str(suite), "--out", str(out), "--quiet", "--no-report"]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 1, res.output
+    assert len(refused) == 1
+    done = {m["seed"]: d for d, m in iter_runs(out)}
+    assert sorted(done) == [0, 2]
+    leftovers = [d.name for d in results_dir(out).iterdir() if d.name != ".locks"]
+    assert sorted(leftovers) == sorted(d.name for d in done.values())  # no half-written seed 1
+    lines = [ln for ln in res.output.splitlines() if "could not write run" in ln]
+    assert len(lines) == 1, res.output
+    key = lines[0].split("could not write run ")[1].split(" ")[0]
+    assert "-s1-" in key and f"to {results_dir(out) / key}: No space left on device" in lines[0]
+    assert str(fallback / "results" / key) in lines[0]
+    # the trained run is in the fallback folder, complete and readable
+    saved = load_results(fallback)
+    assert set(saved["seed"]) == {1} and saved["dice"].notna().any()
+    assert "1 run(s) could not be written" in res.output
+
+    monkeypatch.undo()
+    before = {s: (d / "DONE").stat().st_mtime_ns for s, d in done.items()}
+    again = CliRunner().invoke(main, args, env={"PFLBENCH_FALLBACK": str(fallback)})
+    assert again.exit_code == 0, again.output
+    assert "3 runs (2 already done)" in again.output
+    after = {m["seed"]: d for d, m in iter_runs(out)}
+    assert sorted(after) == [0, 1, 2] and after[1].name == key
+    assert {s: (after[s] / "DONE").stat().st_mtime_ns for s in (0, 2)} == before
+
+
 @pytest.mark.slow
 def test_cli_names_the_damaged_journal_in_one_line(tmp_path):
     out = tmp_path / "out"
