@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from pflbench import __version__
+from pflbench import __version__, qualitative
 from pflbench.data import FederatedData, make_splits, splits_fingerprint
 from pflbench.engine import EvalCallback, Federation, RoundCallback, build_method
 from pflbench.params import resolve_params
@@ -288,7 +288,12 @@ def _train(
         **spec.extra,
         **result.info,
     }
-    write_run(out, run_key, RunRecords(result.rounds, result.comm, result.cases, manifest))
+    shown = qualitative.to_bytes(result.qualitative, data.classes) if result.qualitative else None
+    write_run(
+        out,
+        run_key,
+        RunRecords(result.rounds, result.comm, result.cases, manifest, qualitative=shown),
+    )
     return manifest
 
 
