@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from pflbench import metrics
+from pflbench import metrics, qualitative
 from pflbench.client import Budget, Client, LocalWork, _seed
 from pflbench.data import FederatedData, SiteData
 from pflbench.federation import ClientSplits, Mode, build_clients
@@ -41,6 +41,8 @@ class RunOutput:
     comm: pd.DataFrame
     cases: pd.DataFrame
     info: dict[str, Any] = field(default_factory=dict)
+    #: the predicted masks of the candidate test cases at the selected round (final runs only)
+    qualitative: list[qualitative.Case] = field(default_factory=list)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -140,6 +142,7 @@ class Federation:
         self.status = "ok"
         self.error = ""
         self.rounds_done = 0
+        self.qualitative: list[qualitative.Case] = []
 
     # client records --------------------------------------------------------------------------
     def _open(self, cid: str, round: int) -> Client:
@@ -233,8 +236,10 @@ class Federation:
         client = self._open(cid, r)
         return self.method.fresh().eval_model(client)
 
-    def _score(self, model: nn.Module, data: SiteData, surface: bool) -> pd.DataFrame:
-        pred = predict(model, data, self.device)
+    def _score(
+        self, model: nn.Module, data: SiteData, surface: bool, pred: torch.Tensor | None = None
+    ) -> pd.DataFrame:
+        pred = predict(model, data, self.device) if pred is None else pred
         return metrics.evaluate_cases(
             pred,
             data.labels,
@@ -308,7 +313,10 @@ class Federation:
             for selection, r, model in chosen:
                 for split in splits:
                     data = getattr(self.by_id[cid], split)
-                    df = self._score(model, data, surface=self.protocol.surface_metrics)
+                    pred = predict(model, data, self.device)
+                    if selection == "best" and split == "test":
+                        self._keep_qualitative(cid, r, data, pred)
+                    df = self._score(model, data, self.protocol.surface_metrics, pred)
                     df.insert(0, "split", split)
                     df.insert(0, "client", cid)
                     df.insert(0, "round", r)
@@ -316,6 +324,29 @@ class Federation:
                     frames.append(df)
         self.timings["eval_s"] += time.perf_counter() - t0
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+    def _keep_qualitative(self, cid: str, r: int, data: SiteData, pred: torch.Tensor) -> None:
+        """Keep the selected round's predictions of the site's candidate test cases (the fixed
+        rule of :func:`pflbench.qualitative.candidate_cases`) for the report's figure."""
+        for case in qualitative.candidate_cases(
+            cid, data.case_ids, self.protocol.qualitative_cases
+        ):
+            idx = sorted(
+                (i for i, c in enumerate(data.case_ids) if c == case),
+                key=lambda i: data.slice_index[i],
+            )
+            pick = idx[qualitative.representative_slice(data.labels[idx].numpy())]
+            self.qualitative.append(
+                qualitative.Case(
+                    client=cid,
+                    case_id=case,
+                    slice_index=int(data.slice_index[pick]),
+                    round=int(r),
+                    image=qualitative.display_image(data.images[pick].numpy()),
+                    label=qualitative.label_map(data.labels[pick].numpy()),
+                    pred=qualitative.label_map(pred[pick].numpy()),
+                )
+            )
 
     def _client_partition_sizes(self) -> dict[str, dict[str, int]]:
         """Shared and personal entries of each client's own partition at the end (element masks
@@ -387,7 +418,9 @@ class Federation:
         rounds = pd.DataFrame(
             self.round_rows, columns=["round", "client", "split", "structure", "metric", "value"]
         )
-        return RunOutput(rounds=rounds, comm=comm, cases=cases, info=info)
+        return RunOutput(
+            rounds=rounds, comm=comm, cases=cases, info=info, qualitative=self.qualitative
+        )
 
 
 def peak_memory_mb(device: torch.device | None = None) -> float:

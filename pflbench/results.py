@@ -9,14 +9,19 @@ Layout of one finished run (``<out>/results/<run_key>/``)::
     cases.parquet    one row per selection × client × split × case × structure
                      columns: selection ("best" | "last"), round, client, split, case_id,
                               structure, dice, iou, hd95, assd, surface_failure
+    qualitative.npz  (optional) the selected round's predicted masks of a few fixed test cases per
+                     site, with their image slice and ground truth, for the report's qualitative
+                     figure (:mod:`pflbench.qualitative`); runs written before it, tuning runs
+                     and runs with ``protocol.qualitative_cases: 0`` have none
     manifest.json    the run's configuration and provenance (run_key, dataset, method, params,
                      seed, label, protocol, model, data fingerprint, git, versions, threads,
                      device, timings, peak memory, budget, bytes, partition sizes of the
                      method's base partition and of each client's own)
     DONE             written last; a folder without it is an unfinished run and is ignored
 
-The manifest's ``files`` records each table's row count and SHA-256; readers check them, so a
-truncated or rewritten table is an error naming the file, never a silently different result.
+The manifest's ``files`` records each table's row count and SHA-256 (and the size and SHA-256 of
+``qualitative.npz``); readers check them, so a truncated or rewritten file is an error naming the
+file, never a silently different result.
 A run whose manifest says ``status: diverged`` is kept on disk but left out of the tables by
 default (:func:`load_results`); :func:`diverged_runs` lists them with round and reason.
 
@@ -44,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from pflbench import qualitative
 
 TABLES = ("rounds", "comm", "cases")
 RUN_COLUMNS = ("run_key", "dataset", "method", "label", "seed")
@@ -93,6 +100,8 @@ class RunRecords:
     comm: pd.DataFrame
     cases: pd.DataFrame
     manifest: dict[str, Any]
+    #: the content of ``qualitative.npz`` (:func:`pflbench.qualitative.to_bytes`), or None
+    qualitative: bytes | None = None
 
 
 def results_dir(out: str | Path) -> Path:
@@ -173,6 +182,12 @@ def write_run(out: str | Path, run_key: str, records: RunRecords) -> Path:
                 "rows": len(table),
                 "sha256": hashlib.sha256(blob).hexdigest(),
             }
+        if records.qualitative is not None:
+            (tmp / qualitative.FILE).write_bytes(records.qualitative)
+            files[qualitative.FILE] = {
+                "bytes": len(records.qualitative),
+                "sha256": hashlib.sha256(records.qualitative).hexdigest(),
+            }
         manifest = {**records.manifest, "files": files}
         _write_file(tmp / "manifest.json", json.dumps(manifest, indent=2, default=str).encode())
         _write_file(tmp / "DONE", str(records.manifest.get("finished_at", "")).encode())
@@ -245,16 +260,8 @@ def read_manifest(out: str | Path, run_key: str) -> dict[str, Any]:
 def read_table(d: Path, table: str, manifest: dict[str, Any]) -> pd.DataFrame:
     """One table of a finished run, checked against the row count and hash in its manifest."""
     path = d / f"{table}.parquet"
-    try:
-        blob = path.read_bytes()
-    except OSError as exc:
-        raise ResultsError(f"{path}: unreadable ({exc.strerror}); {_repair_hint(d)}") from None
     want = (manifest.get("files") or {}).get(path.name)
-    if want is not None and hashlib.sha256(blob).hexdigest() != want.get("sha256"):
-        raise ResultsError(
-            f"{path}: content differs from what the run wrote (hash mismatch: truncated or "
-            f"edited); {_repair_hint(d)}"
-        )
+    blob = _checked_bytes(d, path, want)
     try:
         df = pd.read_parquet(io.BytesIO(blob))
     except Exception as exc:
@@ -268,6 +275,44 @@ def read_table(d: Path, table: str, manifest: dict[str, Any]) -> pd.DataFrame:
     return _typed(df, table)
 
 
+def read_qualitative(
+    d: Path, manifest: dict[str, Any]
+) -> tuple[list[qualitative.Case], list[str]] | None:
+    """The stored cases and class names of a finished run's ``qualitative.npz``, checked against
+    its manifest like the tables; None for a run that stores none (older results, tuning runs)."""
+    blob = _qualitative_blob(d, manifest)
+    if blob is None:
+        return None
+    try:
+        return qualitative.from_bytes(blob)
+    except Exception as exc:  # numpy raises several kinds on a damaged archive
+        raise ResultsError(
+            f"{d / qualitative.FILE}: not a readable qualitative file ({exc}); {_repair_hint(d)}"
+        ) from None
+
+
+def _qualitative_blob(d: Path, manifest: dict[str, Any]) -> bytes | None:
+    """The checked bytes of a run's ``qualitative.npz``, or None when it has none."""
+    path = d / qualitative.FILE
+    want = (manifest.get("files") or {}).get(path.name)
+    if want is None and not path.exists():
+        return None
+    return _checked_bytes(d, path, want)
+
+
+def _checked_bytes(d: Path, path: Path, want: dict[str, Any] | None) -> bytes:
+    try:
+        blob = path.read_bytes()
+    except OSError as exc:
+        raise ResultsError(f"{path}: unreadable ({exc.strerror}); {_repair_hint(d)}") from None
+    if want is not None and hashlib.sha256(blob).hexdigest() != want.get("sha256"):
+        raise ResultsError(
+            f"{path}: content differs from what the run wrote (hash mismatch: truncated or "
+            f"edited); {_repair_hint(d)}"
+        )
+    return blob
+
+
 def write_alias(out: str | Path, run_key: str, alias_key: str, **updates: Any) -> Path:
     """A finished run again under ``alias_key`` with its manifest updated (label, trial, …).
 
@@ -279,7 +324,8 @@ def write_alias(out: str | Path, run_key: str, alias_key: str, **updates: Any) -
     tables = {name: read_table(src, name, original) for name in TABLES}
     manifest = {**original, **updates}
     manifest.update(run_key=alias_key, alias_of=run_key)
-    return write_run(out, alias_key, RunRecords(**tables, manifest=manifest))
+    blob = _qualitative_blob(src, original)
+    return write_run(out, alias_key, RunRecords(**tables, manifest=manifest, qualitative=blob))
 
 
 def iter_runs(out: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:

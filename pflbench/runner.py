@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import pandas as pd
 
-from pflbench import __version__
+from pflbench import __version__, qualitative
 from pflbench.data import FederatedData, make_splits, splits_fingerprint
 from pflbench.engine import EvalCallback, Federation, RoundCallback, build_method
 from pflbench.params import resolve_params
@@ -329,7 +329,12 @@ def _train(
         **spec.extra,
         **result.info,
     }
-    _save(out, run_key, RunRecords(result.rounds, result.comm, result.cases, manifest))
+    shown = qualitative.to_bytes(result.qualitative, data.classes) if result.qualitative else None
+    _save(
+        out,
+        run_key,
+        RunRecords(result.rounds, result.comm, result.cases, manifest, qualitative=shown),
+    )
     return manifest
 
 

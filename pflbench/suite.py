@@ -190,6 +190,10 @@ class Protocol(_Strict):
     #: First round best_after_half may select: after_half is 1-based round r > T // 2;
     #: benchmark is FL-MedSegBench's 0-based index r − 1 > T // 2 (one round later).
     selection_start: Literal["after_half", "benchmark"] = "after_half"
+    #: Test cases per site whose predicted masks at the selected round a final run stores for
+    #: the report's qualitative figure (:mod:`pflbench.qualitative`); 0 stores none. What is
+    #: stored, not what is computed: never part of a run key.
+    qualitative_cases: int = Field(3, ge=0, le=50)
 
     @field_validator("augment")
     @classmethod
@@ -215,9 +219,9 @@ class Protocol(_Strict):
         return half + (2 if self.selection_start == "benchmark" else 1)
 
     def key_dict(self) -> dict[str, Any]:
-        """What of the protocol enters a run key: not where it runs (threads, device, store),
-        and the :data:`KEYED_WHEN_SET` keys only when set to something other than the default."""
-        out = self.model_dump(mode="json", exclude={"threads", "device", "store"})
+        """What of the protocol enters a run key: not where it runs (threads, device, store) nor
+        what it stores besides its numbers (qualitative_cases: :data:`UNKEYED`), and the :data:`KEYED_WHEN_SET` keys only when set to something other than the default."""
+        out = self.model_dump(mode="json", exclude=set(UNKEYED))
         for k in KEYED_WHEN_SET:
             if getattr(self, k) == type(self).model_fields[k].default:
                 out.pop(k)
@@ -231,6 +235,10 @@ class Protocol(_Strict):
             raise ValueError("give exactly one of local_epochs and local_steps")
         return self
 
+
+#: Protocol keys that say where a run ran or what it stores besides its numbers, never what it
+#: computed: not part of a run key, nor of a configuration (:data:`pflbench.configs.LOCAL_PROTOCOL`).
+UNKEYED = ("threads", "device", "store", "qualitative_cases")
 
 #: Protocol keys added after run keys existed: part of a run key only when not at the default.
 KEYED_WHEN_SET = (

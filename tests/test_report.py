@@ -212,7 +212,13 @@ def test_markdown_wording(built):
 
 def test_reads_only_tidy_results(built):
     run_dir, out, opened = built
-    allowed = {"rounds.parquet", "comm.parquet", "cases.parquet", "manifest.json"}
+    allowed = {
+        "rounds.parquet",
+        "comm.parquet",
+        "cases.parquet",
+        "manifest.json",
+        "qualitative.npz",
+    }
     root = run_dir.resolve()
     inside = [Path(p).resolve() for p in opened if Path(p).resolve().is_relative_to(root)]
     assert any(p.name == "manifest.json" for p in inside)  # the hook does see the reads

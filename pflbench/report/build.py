@@ -20,6 +20,7 @@ from pflbench import configs, stats
 from pflbench.results import diverged_runs
 
 from . import data, figures, html, latex, markdown, published, tables
+from . import qualitative as rqual
 from .data import ReportError, Results
 
 # --------------------------------------------------------------------------- document model
@@ -215,6 +216,54 @@ def _appendix(res: Results, notes: list[str]) -> list[Block]:
     return blocks
 
 
+# --------------------------------------------------------------------------- qualitative
+
+
+def _qualitative_figures(res: Results, run_dir: Path, reference: str, macro, draw) -> list[str]:
+    """One qualitative figure per dataset (:mod:`.qualitative`); returns why a dataset has none."""
+    missing = []
+    for d in res.datasets:
+        ranking = macro["mean"].xs(d, level="dataset") if d in macro.index else pd.Series()
+        sel, why = rqual.select(res, run_dir, d, reference, ranking)
+        if sel is None or not sel.rows:
+            missing.append(f"{d} ({why or 'no stored case has a Dice of the reference'})")
+            continue
+        draw(
+            f"qualitative:{d}",
+            f"qualitative_{tables._slug(d)}",
+            _qualitative_caption(sel, res),
+            lambda w, sel=sel: figures.qualitative_figure(sel, w),
+        )
+    return missing
+
+
+def _qualitative_caption(sel: rqual.Selection, res: Results) -> str:
+    roles = dict(sel.roles)
+    n = sorted({r.candidates for r in sel.rows})
+    others = (
+        f"and of the best ({roles['best']}) and the worst ({roles['worst']}) of the other methods"
+        if "best" in roles
+        else (f"and of {roles['other']}" if "other" in roles else "")
+    )
+    volume = (
+        ", over the whole volume; the slice shown is the one with the most ground-truth foreground"
+        if sel.volume
+        else ""
+    )
+    skipped = f" No stored case for {', '.join(sel.skipped)}." if sel.skipped else ""
+    return (
+        f"{sel.dataset}: qualitative examples (seed {sel.seed}). One row per site: among the "
+        f"candidate test cases every run stores ({'/'.join(map(str, n))} per site here: the "
+        "site's first test cases in SHA-256 order of their ids, the same for every method and "
+        f"seed), the case with the median Dice of the reference {roles['reference']}. Columns: "
+        "the image, the "
+        f"ground truth, and the predictions at the selected (best-validation) round of the "
+        f"reference {others} by client-macro test {res.metric_label} on {sel.dataset}. Each "
+        f"prediction is titled with that case's Dice (mean over structures{volume}). Classes "
+        f"have fixed colours.{skipped}"
+    )
+
+
 # --------------------------------------------------------------------------- entry point
 
 
@@ -402,6 +451,8 @@ def build_report(
         lambda w: figures.fairness_figure(fdf, methods, st, res.metric_label, hib, w),
     )
 
+    missing_qual = _qualitative_figures(res, run_dir, reference, macro, draw)
+
     # ------------------------------------------------------------------ document
     seeds = res.seeds()
     doc: list[Block] = [
@@ -461,6 +512,10 @@ def build_report(
     for key in ("convergence", "distributions", "heatmap", "bytes", "fairness"):
         if key in figs:
             doc.append(Block("figure", figs[key]))
+    doc += [Block("figure", figs[f"qualitative:{d}"]) for d in res.datasets
+            if f"qualitative:{d}" in figs]  # fmt: skip
+    if missing_qual:
+        doc.append(Block("p", "No qualitative figure for " + "; ".join(missing_qual) + "."))
     if tvd_t is not None:
         doc += [Block("h2", "Tuned vs default configuration"), Block("table", tvd_t)]
     if conf_t is not None:

@@ -347,3 +347,79 @@ def fairness_figure(
         _small(ax)
     _legend(fig, [m for m in methods if m in set(df["method"])], st, line=False)
     return fig
+
+
+# ------------------------------------------------------------------------------ qualitative
+
+#: Fixed colour of each foreground class id (1, 2, …), the same in every figure; background is
+#: left transparent over the image.
+CLASS_COLOURS = ("#D55E00", "#56B4E9", "#F0E442", "#009E73", "#CC79A7", "#0072B2", "#E69F00")
+
+
+def class_overlay(label: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """H×W class ids → H×W×4 RGBA: class k in ``CLASS_COLOURS[(k - 1) % 7]``, 0 transparent."""
+    from matplotlib.colors import to_rgba  # noqa: PLC0415
+
+    lut = np.zeros((256, 4))
+    for k in range(1, 256):
+        lut[k] = to_rgba(CLASS_COLOURS[(k - 1) % len(CLASS_COLOURS)], alpha)
+    return lut[np.asarray(label, dtype=np.uint8)]
+
+
+def _show_image(ax, image: np.ndarray, shape: tuple[int, ...], dim: float = 1.0) -> None:
+    """The (stored shrunk) image stretched over the H×W pixel grid of the masks."""
+    img = np.asarray(image, dtype=float) / 255.0 * dim
+    extent = (-0.5, shape[1] - 0.5, shape[0] - 0.5, -0.5)
+    if img.shape[-1] == 1:
+        ax.imshow(img[..., 0], cmap="gray", vmin=0, vmax=1, extent=extent)
+    else:
+        ax.imshow(img, extent=extent)
+
+
+def qualitative_figure(sel, width: float = FULL_IN) -> Figure | None:
+    """Rows: one chosen test case per site; columns: image, ground truth, then the prediction of
+    each shown method (reference, best, worst) over the dimmed image, titled with its Dice."""
+    from matplotlib.patches import Patch  # noqa: PLC0415
+
+    if sel is None or not sel.rows:
+        return None
+    ncols = 2 + len(sel.roles)
+    panel = width / ncols
+    small = width < 5
+    fs = 4.6 if small else 6.5
+    title = 2.9 * fs / 72  # two lines of title per panel, in inches
+    fig = new_figure(width, len(sel.rows) * (0.94 * panel + title) + 0.3)
+    axes = fig.subplots(len(sel.rows), ncols, squeeze=False)
+    for r, row in enumerate(sel.rows):
+        ax = axes[r, 0]
+        _show_image(ax, row.image, row.label.shape)
+        where = f"{row.site}\n{row.case_id}" + (f", slice {row.slice_index}" if sel.volume else "")
+        ax.set_ylabel(where, fontsize=fs)
+        _show_image(axes[r, 1], row.image, row.label.shape, dim=0.6)
+        axes[r, 1].imshow(class_overlay(row.label), interpolation="nearest")
+        if r == 0:
+            ax.set_title("image", fontsize=fs)
+            axes[r, 1].set_title("ground truth", fontsize=fs)
+        for c, (role, method) in enumerate(sel.roles, start=2):
+            ax = axes[r, c]
+            _show_image(ax, row.image, row.label.shape, dim=0.6)
+            ax.imshow(class_overlay(row.preds[method]), interpolation="nearest")
+            d = row.dice[method]
+            ax.set_title(f"{role}: {method}\nDice {d:.3f}" if np.isfinite(d) else
+                         f"{role}: {method}\nDice –", fontsize=fs)  # fmt: skip
+        for ax in axes[r]:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_linewidth(0.4)
+    present = sorted({int(k) for row in sel.rows for m in (row.label, *row.preds.values())
+                      for k in np.unique(m) if k > 0})  # fmt: skip
+    handles = [
+        Patch(color=CLASS_COLOURS[(k - 1) % len(CLASS_COLOURS)],
+              label=sel.classes[k] if k < len(sel.classes) else f"class {k}")
+        for k in present
+    ]  # fmt: skip
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles),
+                   fontsize=fs, frameon=False)  # fmt: skip
+    return fig
