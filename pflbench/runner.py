@@ -24,6 +24,7 @@ from typing import Any, Literal
 import pandas as pd
 
 from pflbench import __version__, qualitative
+from pflbench.configs import flatten
 from pflbench.data import FederatedData, make_splits, splits_fingerprint
 from pflbench.engine import EvalCallback, Federation, RoundCallback, build_method
 from pflbench.params import resolve_params
@@ -134,25 +135,15 @@ def planned_runs(suite: Suite, out: str | Path, cache: DataCache | None = None) 
 def protocol_differences(suite: Suite) -> dict[str, list[str]]:
     """Per dataset, the protocol settings that differ from the suite's (``key=value``, dotted
     for mappings), so a plan shows which runs a dataset's ``protocol`` block changes."""
-    base = _flat(suite.protocol.model_dump(mode="json"))
+    base = flatten(suite.protocol.model_dump(mode="json"))
     out = {}
     for d in suite.datasets:
-        mine = _flat(suite.protocol_for(d).model_dump(mode="json"))
+        mine = flatten(suite.protocol_for(d).model_dump(mode="json"))
         out[d.key] = [
             f"{k}={mine.get(k)}"
             for k in sorted(set(base) | set(mine))
             if mine.get(k) != base.get(k)
         ]
-    return out
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
     return out
 
 

@@ -28,6 +28,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from pflbench.configs import LOCAL_PROTOCOL
 from pflbench.params import ParamError
 from pflbench.registry import RegistryError, registry
 
@@ -238,7 +239,7 @@ class Protocol(_Strict):
 
 #: Protocol keys that say where a run ran or what it stores besides its numbers, never what it
 #: computed: not part of a run key, nor of a configuration (:data:`pflbench.configs.LOCAL_PROTOCOL`).
-UNKEYED = ("threads", "device", "store", "qualitative_cases")
+UNKEYED = LOCAL_PROTOCOL
 
 #: Protocol keys added after run keys existed: part of a run key only when not at the default.
 KEYED_WHEN_SET = (

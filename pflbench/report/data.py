@@ -371,7 +371,14 @@ def manifest_frame(res: Results) -> pd.DataFrame:
                 "label": m.get("label"),
                 "seed": m.get("seed"),
                 "params": _fmt(m.get("params", {})),
-                "protocol": _fmt(m.get("protocol", {})),
+                # what the runs computed; where they ran (device, threads) has its own columns
+                "protocol": _fmt(
+                    {
+                        k: v
+                        for k, v in (m.get("protocol") or {}).items()
+                        if k not in configs.LOCAL_PROTOCOL
+                    }
+                ),
                 "model": _fmt(m.get("model", {})),
                 "budget": _fmt(m.get("budget", {})),
                 "data_fingerprint": m.get("data_fingerprint"),
