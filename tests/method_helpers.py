@@ -57,6 +57,7 @@ def make_client(
     state: dict | None = None,
     round: int = 1,
     budget: Budget | None = None,
+    persist_optimizer: bool = False,
     **work: Any,
 ) -> Client:
     """A lone client over site ``site`` of the tiny federation (all its images as training data)."""
@@ -82,6 +83,7 @@ def make_client(
         seed=0,
         device=torch.device("cpu"),
         budget=budget if budget is not None else Budget(),
+        persist_optimizer=persist_optimizer,
     )
 
 

@@ -123,7 +123,9 @@ def test_fedbn_localizes_instancenorm_affine_parameters():
 
 
 def test_fedbn_refuses_a_model_without_norm_layers():
-    with pytest.raises(PartitionError, match=r"fedbn.*UNet.*empty"):
+    with pytest.raises(
+        PartitionError, match=r"fedbn: the personal part \(normalization layers\) of model UNet"
+    ):
         get_method("fedbn")().partition(tiny_unet(norm="none"))
     data = tiny_federation()
     proto = fast_protocol(rounds=1)
@@ -152,8 +154,22 @@ def test_silobn_shares_gamma_beta_but_not_running_statistics(runs):
 
 def test_silobn_refuses_a_model_without_running_statistics():
     for norm in ("group", "none"):
-        with pytest.raises(PartitionError, match=r"silobn.*UNet"):
+        with pytest.raises(
+            PartitionError,
+            match=r"silobn: the personal part \(normalization running statistics\) of model UNet",
+        ):
             get_method("silobn")().partition(tiny_unet(norm=norm))
+
+
+def test_silobn_selects_both_running_statistics_of_every_tracking_layer():
+    from pflbench.methods.silobn import running_stat_keys
+
+    # a norm layer at the model's root has no name prefix; nested ones are dotted
+    assert running_stat_keys(nn.BatchNorm2d(3)) == ["running_mean", "running_var"]
+    nested = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2), nn.InstanceNorm2d(2))
+    assert running_stat_keys(nested) == ["1.running_mean", "1.running_var"]
+    tracked = nn.Sequential(nn.InstanceNorm2d(2, track_running_stats=True))
+    assert running_stat_keys(tracked) == ["0.running_mean", "0.running_var"]
 
 
 # FedPer ------------------------------------------------------------------------------------------
@@ -286,6 +302,61 @@ def test_fedrep_trains_head_then_body_and_keeps_the_head_local(runs):
     cls, out = runs["fedrep"]
     _check_local_part(cls.models, {"head.weight", "head.bias"})
     assert out.info["budget"]["head"] > 0 and out.info["budget"]["local"] > 0
+
+
+class _DeclaredDecoder(nn.Module):
+    """A model whose decoder is not at the default path: it declares ``decoder_path``."""
+
+    head_path = "head"
+    decoder_path = "up"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(1, 2, 3, padding=1)
+        self.up = nn.Conv2d(2, 2, 3, padding=1)
+        self.head = nn.Conv2d(2, 1, 1)
+
+
+class _ParameterFreeHead(nn.Module):
+    head_path = "head"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Conv2d(1, 1, 3, padding=1)
+        self.head = nn.Identity()
+
+
+def test_fedper_decoder_variant_follows_the_declared_decoder_path():
+    from pflbench.methods.fedper import head_keys
+
+    model = _DeclaredDecoder()
+    assert head_keys(model, "fedper") == ["head.weight", "head.bias"]
+    assert head_keys(model, "fedper", "decoder") == [
+        "up.weight",
+        "up.bias",
+        "head.weight",
+        "head.bias",
+    ]
+    part = get_method("fedper")(head="decoder").partition(model)
+    assert [k for k, shared in part.items() if not shared] == [
+        "up.weight",
+        "up.bias",
+        "head.weight",
+        "head.bias",
+    ]
+    with pytest.raises(
+        PartitionError,
+        match=r"^fedper: head='decoder' needs a decoder module, but model _ParameterFreeHead "
+        r"has no module at 'decoder'$",
+    ):
+        head_keys(_ParameterFreeHead(), "fedper", "decoder")
+
+
+def test_fedper_refuses_a_head_without_parameters_by_name():
+    with pytest.raises(
+        PartitionError, match=r"^fedper: the personal part \(head \(head\)\) of model"
+    ):
+        get_method("fedper")().partition(_ParameterFreeHead())
 
 
 # LG-FedAvg ----------------------------------------------------------------------------------------

@@ -423,6 +423,29 @@ def test_fedavg_ft_fine_tunes_a_copy_and_leaves_the_global_model_intact():
     assert budget.samples == {"finetune": 4 + 4 + 2 + 4}  # 10 images, batch 4, four steps
 
 
+def test_fedavg_ft_with_zero_steps_evaluates_the_global_model_untouched():
+    budget = Budget()
+    client = make_client(tiny_unet(), budget=budget, persist_optimizer=True)
+    tuned = get_method("fedavg-ft")(finetune_steps=0).eval_model(client)
+    assert tuned is not client.model
+    for k, v in client.model.state_dict().items():
+        assert torch.equal(tuned.state_dict()[k], v), k
+    assert budget.samples == {} and client.state == {}  # no pass, no optimizer made
+
+
+def test_fedavg_ft_keeps_its_fine_tuning_optimizer_apart_from_training():
+    """Under optimizer_state: persist the fine-tuning Adam state is its own (key "finetune"):
+    evaluation never advances the training optimizer's moments."""
+    client = make_client(tiny_unet(), persist_optimizer=True)
+    client.fit()
+    main = client.state["_optimizer/main"]
+    get_method("fedavg-ft")(finetune_steps=2).eval_model(client)
+    assert set(client.state) == {"_optimizer/main", "_optimizer/finetune"}
+    assert client.state["_optimizer/main"] is main
+    steps = {int(s["step"]) for s in client.state["_optimizer/finetune"]["state"].values()}
+    assert steps == {2}
+
+
 def test_fedavg_ft_trains_as_fedavg_and_counts_its_fine_tuning():
     data = tiny_federation()
     ft, avg = capturing(get_method("fedavg-ft")), capturing(get_method("fedavg"))
