@@ -30,9 +30,9 @@ def nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, labels)
 
 
-def pixel_classes(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The class of each pixel as the model's output reads it (binary for one logit channel)."""
-    return (labels > 0).long() if logits.shape[1] == 1 else labels
+def pixel_classes(channels: int, labels: torch.Tensor) -> torch.Tensor:
+    """The class of each pixel as a model with ``channels`` logits reads it (binary for one)."""
+    return (labels > 0).long() if channels == 1 else labels
 
 
 def fisher_trace(model: nn.Module, client: Client, label: str) -> float:
@@ -46,20 +46,6 @@ def fisher_trace(model: nn.Module, client: Client, label: str) -> float:
         f = batch_fisher(model, x, y, loss_fn=nll, batch_size=len(x))
         total += float(sum(v.sum() for v in f.values()))
     return total
-
-
-class _Features:
-    """Captures the input of the head module: the body's per-pixel features."""
-
-    def __init__(self, model: nn.Module, head: str) -> None:
-        self.value: torch.Tensor | None = None
-        self._handle = model.get_submodule(head).register_forward_pre_hook(self._keep)
-
-    def _keep(self, module: nn.Module, args: tuple) -> None:
-        self.value = args[0]
-
-    def close(self) -> None:
-        self._handle.remove()
 
 
 class FedAS(Method):
@@ -131,7 +117,13 @@ class FedAS(Method):
         return {k: bool(base[k] and part[k]) for k in base}
 
     def setup(self, client: Client) -> None:
-        self.partition(client.model)  # refuse a model without a declared head before training
+        """Refuse, before training, a model without a declared head or body features."""
+        self.partition(client.model)
+        if not callable(getattr(client.model, "feature_forward", None)):
+            raise TypeError(
+                f"{self.name}: model {type(client.model).__name__} has no feature_forward(x); "
+                "FedAS aligns the body features entering the head"
+            )
         return None
 
     # client ----------------------------------------------------------------------------------
@@ -160,25 +152,19 @@ class FedAS(Method):
             with torch.no_grad():
                 merge_into(model.state_dict(), message, shared)
             return
-        head = declared_path(model, "head_path", self.name)
-        protos = self.prototypes(client, model, head)
+        protos, channels = self.prototypes(client, model)
         aligned = client.new_model()
         with torch.no_grad():
             merge_into(aligned.state_dict(), message, shared)
         body = [p for n, p in aligned.named_parameters() if shared.get(n) is True]
         opt = torch.optim.SGD(body, lr=self.align_lr)
-        feats = _Features(aligned, head)
         aligned.eval()
         where = f"client {client.id} round {client.round} (fedas-align)"
-        try:
-            for x, y in client.batches("fedas-align", epochs=self.align_epochs):
-                opt.zero_grad()
-                logits = aligned(x)
-                loss = alignment_loss(feats.value, pixel_classes(logits, y), protos)
-                if loss is not None:
-                    step(opt, loss, where)
-        finally:
-            feats.close()
+        for x, y in client.batches("fedas-align", epochs=self.align_epochs):
+            opt.zero_grad()
+            loss = alignment_loss(aligned.feature_forward(x), pixel_classes(channels, y), protos)
+            if loss is not None:
+                step(opt, loss, where)
         with torch.no_grad():
             state = model.state_dict()
             new = aligned.state_dict()
@@ -186,26 +172,29 @@ class FedAS(Method):
                 if m is True:
                     state[k].copy_(new[k])
 
-    def prototypes(self, client: Client, model: nn.Module, head: str) -> dict[int, torch.Tensor]:
-        """Mean body feature (head input) of each pixel class over the client's training data."""
-        feats = _Features(model, head)
+    def prototypes(self, client: Client, model: nn.Module) -> tuple[dict[int, torch.Tensor], int]:
+        """Mean body feature (``feature_forward``, the head's input) of each pixel class over
+        the client's training data, and the number of logit channels of the model."""
+        head = model.get_submodule(declared_path(model, "head_path", self.name))
         sums: dict[int, torch.Tensor] = {}
         counts: dict[int, int] = {}
+        channels = 0
         was = model.training
         model.eval()
         try:
             with torch.no_grad():
                 for x, y in client.batches("fedas-prototypes", epochs=1):
-                    classes = pixel_classes(model(x), y)
-                    f = feats.value.movedim(1, -1)  # N×H×W×C
+                    f = model.feature_forward(x)
+                    channels = head(f).shape[1]
+                    classes = pixel_classes(channels, y)
+                    f = f.movedim(1, -1)  # N×H×W×C
                     for c in classes.unique().tolist():
                         pick = f[classes == c]
                         sums[c] = sums.get(c, 0) + pick.sum(0)
                         counts[c] = counts.get(c, 0) + len(pick)
         finally:
-            feats.close()
             model.train(was)
-        return {c: sums[c] / counts[c] for c in sums}
+        return {c: sums[c] / counts[c] for c in sums}, channels
 
     # server ----------------------------------------------------------------------------------
     def aggregate(self, uploads: Mapping[str, Upload], round: int) -> Message:
