@@ -71,8 +71,9 @@ class FedAS(Method):
     over the client's pixels of that class; the NLL is the pixel-wise cross-entropy (binary
     with one channel). Timing follows the official code: the global body is aligned and loaded
     when a client is next selected, at the start of its round, so a client's evaluated model
-    is its own after local training. Prototype and alignment passes run in eval mode, as the
-    official models are then (BN uses running statistics). Buffers: the official code moves
+    is its own after local training. Prototype and alignment passes run in train mode (BN on
+    batch statistics, as in local training) on copies of the model, so no running statistic
+    moves. Buffers: the official code moves
     ``parameters()`` only, so BN running statistics stay local. ``align_epochs: 0`` is the
     paper's w/o-alignment ablation, ``weights: samples`` its w/o-synchronization (FedAvg
     weights). Extra passes, each under its own budget label: ``fedas-prototypes`` (one forward
@@ -91,6 +92,10 @@ class FedAS(Method):
     )
     deviations: ClassVar[tuple[str, ...]] = (
         "alignment mini-batches are the suite's batch size (the official code uses 16)",
+        "prototype and alignment passes use BN batch statistics (train mode); the official "
+        "code, written for models without BN, runs them in eval mode, which on a U-Net put the "
+        "averaged body over each client's own running statistics and made the alignment diverge "
+        "(quick suite, fundus-synth, round 6)",
         "a client not selected computes no Fisher trace (the official code computes it for every "
         "client each round; only the uploaders' traces enter the weights, so the average is the same)",
     )
@@ -158,7 +163,7 @@ class FedAS(Method):
             merge_into(aligned.state_dict(), message, shared)
         body = [p for n, p in aligned.named_parameters() if shared.get(n) is True]
         opt = torch.optim.SGD(body, lr=self.align_lr)
-        aligned.eval()
+        aligned.train()  # BN on batch statistics, as for the prototypes
         where = f"client {client.id} round {client.round} (fedas-align)"
         for x, y in client.batches("fedas-align", epochs=self.align_epochs):
             opt.zero_grad()
@@ -175,25 +180,22 @@ class FedAS(Method):
     def prototypes(self, client: Client, model: nn.Module) -> tuple[dict[int, torch.Tensor], int]:
         """Mean body feature (``feature_forward``, the head's input) of each pixel class over
         the client's training data, and the number of logit channels of the model."""
-        head = model.get_submodule(declared_path(model, "head_path", self.name))
+        probe = client.new_model(model.state_dict())  # train-mode BN must not move model's stats
+        head = probe.get_submodule(declared_path(probe, "head_path", self.name))
         sums: dict[int, torch.Tensor] = {}
         counts: dict[int, int] = {}
         channels = 0
-        was = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                for x, y in client.batches("fedas-prototypes", epochs=1):
-                    f = model.feature_forward(x)
-                    channels = head(f).shape[1]
-                    classes = pixel_classes(channels, y)
-                    f = f.movedim(1, -1)  # N×H×W×C
-                    for c in classes.unique().tolist():
-                        pick = f[classes == c]
-                        sums[c] = sums.get(c, 0) + pick.sum(0)
-                        counts[c] = counts.get(c, 0) + len(pick)
-        finally:
-            model.train(was)
+        probe.train()
+        with torch.no_grad():
+            for x, y in client.batches("fedas-prototypes", epochs=1):
+                f = probe.feature_forward(x)
+                channels = head(f).shape[1]
+                classes = pixel_classes(channels, y)
+                f = f.movedim(1, -1)  # N×H×W×C
+                for c in classes.unique().tolist():
+                    pick = f[classes == c]
+                    sums[c] = sums.get(c, 0) + pick.sum(0)
+                    counts[c] = counts.get(c, 0) + len(pick)
         return {c: sums[c] / counts[c] for c in sums}, channels
 
     # server ----------------------------------------------------------------------------------

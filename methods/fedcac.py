@@ -99,7 +99,10 @@ class FedCAC(Method):
     keeps its own. A client that did not upload this round (partial participation; the official
     code has every client train every round) receives w on its last known non-critical entries
     and keeps its critical ones; a client the server has never heard from receives nothing.
-    No extra local passes (the score needs no data); optimizer state per the suite; the
+    Defaults: τ = 0.5, β = 100 (the official CIFAR-10 config; its CIFAR-100 config uses 0.4
+    and 170, inside the search ranges); β counts aggregations (rounds), so with far fewer
+    rounds than β the threshold stays near the mean overlap; β may be any real ≥ 1 (the
+    official code asserts an integer). No extra local passes (the score needs no data); optimizer state per the suite; the
     evaluated model is θᵢ after receipt (the official ``after_aggregation`` test).
     """
 

@@ -6,6 +6,7 @@ averages, BN entries sent) gives other numbers."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -220,10 +221,10 @@ def test_fedas_alignment_pulls_the_received_body_towards_the_local_prototypes():
     assert channels == 1
 
     def loss_of(model):
-        model.eval()
+        probe = copy.deepcopy(model).train()
         with torch.no_grad():
             data = client.train_data
-            f = model.feature_forward(data.images)
+            f = probe.feature_forward(data.images)
             return float(alignment_loss(f, pixel_classes(channels, data.labels), protos))
 
     start = client.new_model(glob)
@@ -233,18 +234,16 @@ def test_fedas_alignment_pulls_the_received_body_towards_the_local_prototypes():
 
 
 def test_fedas_prototypes_are_per_class_means_of_the_head_input():
-    client = make_client(tiny_unet(0), shuffle=False)
+    client = make_client(tiny_unet(0), shuffle=False, batch_size=10)  # one batch: all images
     model = client.model
-    protos, _ = get_method("fedas")().prototypes(client, model)
-    seen = {}
-    h = model.head.register_forward_pre_hook(lambda m, a: seen.update(f=a[0]))
-    model.eval()
+    own = state_of(model)
+    protos, channels = get_method("fedas")().prototypes(client, model)
+    assert all(torch.equal(v, own[k]) for k, v in state_of(model).items())  # nothing moved
+    probe = copy.deepcopy(model).train()  # BN on batch statistics, as in local training
     with torch.no_grad():
-        model(client.train_data.images)
-    h.remove()
-    f = seen["f"].movedim(1, -1)
+        f = probe.feature_forward(client.train_data.images).movedim(1, -1)
     fg = client.train_data.labels > 0
-    assert set(protos) == {0, 1}
+    assert channels == 1 and set(protos) == {0, 1}
     assert torch.allclose(protos[1], f[fg].mean(0), atol=1e-5)
     assert torch.allclose(protos[0], f[~fg].mean(0), atol=1e-5)
 
