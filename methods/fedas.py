@@ -73,8 +73,8 @@ class FedAS(Method):
     when a client is next selected, at the start of its round, so a client's evaluated model
     is its own after local training. Prototype and alignment passes run in train mode (BN on
     batch statistics, as in local training) on copies of the model, so no running statistic
-    moves. Buffers: the official code moves
-    ``parameters()`` only, so BN running statistics stay local. ``align_epochs: 0`` is the
+    moves. Buffers: the official code moves ``parameters()`` only, so BN running statistics
+    stay local. ``align_epochs: 0`` is the
     paper's w/o-alignment ablation, ``weights: samples`` its w/o-synchronization (FedAvg
     weights). Extra passes, each under its own budget label: ``fedas-prototypes`` (one forward
     pass), ``fedas-align`` (``align_epochs`` epochs), ``fedas-fisher`` (one backward pass).

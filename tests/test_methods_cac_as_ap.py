@@ -24,6 +24,7 @@ from pflbench.methods.fedcac import (
     critical_mask,
     sensitivity,
 )
+from pflbench.params import ParamError
 from pflbench.partition import PartitionError, keys_of_types
 from pflbench.registry import get_method
 from pflbench.suite import ModelSpec
@@ -361,3 +362,22 @@ def test_fedap_run_counts_one_bn_statistics_pass_per_client():
     b = out.info["budget"]
     per_round = b["local"] // 3
     assert b["fedap-bn-stats"] == per_round  # one pass over each client's train split, once
+
+
+# hyperparameters ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method, params, key",
+    [
+        ("fedcac", {"tau": 1.5}, "tau"),
+        ("fedcac", {"beta": 0.5}, "beta"),
+        ("fedas", {"align_epochs": -1}, "align_epochs"),
+        ("fedas", {"weights": "uniform"}, "weights"),
+        ("fedap", {"momentum": 1.2}, "momentum"),
+        ("fedap", {"warmup_rounds": 1.5}, "warmup_rounds"),
+    ],
+)
+def test_new_methods_refuse_values_they_cannot_use(method, params, key):
+    with pytest.raises(ParamError, match=rf"method {method}: parameter '{key}'"):
+        get_method(method)(**params)
