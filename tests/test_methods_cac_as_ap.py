@@ -381,3 +381,24 @@ def test_fedap_run_counts_one_bn_statistics_pass_per_client():
 def test_new_methods_refuse_values_they_cannot_use(method, params, key):
     with pytest.raises(ParamError, match=rf"method {method}: parameter '{key}'"):
         get_method(method)(**params)
+
+
+# all three -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["fedcac", "fedas", "fedap"])
+def test_partial_participation_on_a_disk_store_gives_the_memory_results(name):
+    """Two of three clients a round exercise the non-uploader paths; the disk store re-reads
+    uploads and client state from files, which must change nothing."""
+
+    def go(store):
+        m = get_method(name)(**({"warmup_rounds": 1} if name == "fedap" else {}))
+        _, out = run(
+            tiny_federation(), m, rounds=3, local_epochs=1, client_fraction=0.67, store=store
+        )
+        return out
+
+    mem, disk = go("memory"), go("disk")
+    assert mem.info["status"] == disk.info["status"] == "ok"
+    assert mem.info["budget"] == disk.info["budget"]
+    assert mem.rounds["value"].tolist() == disk.rounds["value"].tolist()
