@@ -15,7 +15,7 @@ from pflbench.messages import Message
 from pflbench.method import Method
 from pflbench.methods._common import frozen
 from pflbench.params import Param
-from pflbench.partition import Partition, floating_entries
+from pflbench.partition import Partition, parameter_entries
 from pflbench.training import check_finite
 
 WEIGHTS, STARTED = "fedala/weights", "fedala/started"
@@ -97,8 +97,7 @@ class FedALA(Method):
 
     def partition(self, model: nn.Module) -> Partition:
         """Parameters only: buffers (BN running statistics) stay with the client."""
-        params = {n for n, _ in model.named_parameters()}
-        return {k: bool(v and k in params) for k, v in floating_entries(model).items()}
+        return parameter_entries(model)
 
     def receive(self, client: Client, message: Message) -> None:
         model = client.model

@@ -34,6 +34,16 @@ def floating_entries(model: nn.Module) -> Partition:
     return {k: bool(v.is_floating_point()) for k, v in model.state_dict().items()}
 
 
+def parameter_entries(model: nn.Module) -> Partition:
+    """Parameters shared, every buffer (BN running statistics included) local.
+
+    The partition of methods whose official code exchanges ``parameters()`` only (FedALA, FedAS,
+    FedCAC): each client's BN running statistics are then never overwritten by another's.
+    """
+    params = {n for n, _ in model.named_parameters()}
+    return {k: bool(v and k in params) for k, v in floating_entries(model).items()}
+
+
 def _module_keys(prefix: str, module: nn.Module) -> list[str]:
     return [f"{prefix}.{k}" if prefix else k for k in module.state_dict()]
 

@@ -29,7 +29,11 @@ def data_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_suite_carries_the_benchmarks_protocol_per_dataset(data_root: Path) -> None:
     suite = load_suite(SUITE)
     assert [d.key for d in suite.datasets] == ["prostate", "vessel", "gland"]
-    assert suite.seeds == [0, 1, 2] and len(suite.methods) == 14
+    assert suite.seeds == [0, 1, 2]
+    names = {m.name for m in suite.methods}
+    assert (
+        len(names) == len(suite.methods) >= 17 and {"resfim", "fedcac", "fedas", "fedap"} <= names
+    )
     assert (suite.protocol.rounds, suite.protocol.local_epochs) == (200, 2)
     by = {d.key: suite.protocol_for(d) for d in suite.datasets}
     assert by["prostate"].optimizer.lr == 1e-4 and by["prostate"].lr_schedule is None
@@ -51,7 +55,7 @@ def test_suite_carries_the_benchmarks_protocol_per_dataset(data_root: Path) -> N
     gland = next(d for d in suite.datasets if d.key == "gland")
     assert gland.options["size"] == [192, 384]
     cells = plan(suite)
-    assert len(cells) == 3 * 14 * 3
+    assert len(cells) == 3 * len(suite.methods) * 3
     assert len({c.key("fp") for c in cells}) == len(cells)
 
 
