@@ -293,3 +293,26 @@ def test_fedsm_lone_client_selector_step_uses_adam_and_counts_selector_budget():
     assert budget.samples == {"selector": 10}
     assert any(not torch.equal(start[k], v) for k, v in client.state[SELECTOR].items())
     assert "exp_avg" in next(iter(client.state["fedsm/selector_opt"]["state"].values()))
+
+
+def test_fedsm_selector_init_is_shared_by_clients_with_the_same_initial_model():
+    m = get_method("fedsm")()
+    states = []
+    for seed, site in [(0, 0), (0, 1), (1, 0)]:
+        client = make_client(tiny_unet(seed), site=site)
+        m.receive_setup(client, {"label": site, "sites": 3})
+        states.append(client.state[SELECTOR])
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k  # same init model: same selector
+    assert not all(torch.equal(states[0][k], states[2][k]) for k in states[0])  # follows the seed
+    assert states[0]["classifier.weight"].shape[0] == 3
+
+
+@pytest.mark.slow
+def test_fedsm_disk_store_gives_the_same_result_as_memory():
+    # FedSM keeps the most client state (pᵢ, selector, its Adam state, the bank of pⱼ)
+    data = tiny_federation()
+    _, a = run(data, "fedsm", rounds=2, store="memory")
+    _, b = run(data, "fedsm", rounds=2, store="disk")
+    pd.testing.assert_frame_equal(a.rounds, b.rounds)
+    pd.testing.assert_frame_equal(a.cases, b.cases)
