@@ -138,3 +138,70 @@ def test_scaffold_sends_its_variates_and_counts_them():
     extra = _param_bytes(tiny_unet()) * len(data.sites)
     diff = _uploads_by_round(s) - _uploads_by_round(f)
     assert (diff["bytes_up"] == extra).all() and (diff["bytes_down"] == extra).all()
+
+
+# FedDyn ------------------------------------------------------------------------------------------
+
+
+def test_feddyn_with_alpha_zero_is_bitwise_fedavg():
+    data = tiny_federation(sizes=[6, 10, 14])
+    dyn, avg = capturing(get_method("feddyn")), capturing(get_method("fedavg"))
+    _, a = run(data, dyn(alpha=0.0), rounds=2)
+    _, b = run(data, avg(), rounds=2)
+    assert a.rounds["value"].gt(0).any()
+    _assert_same_results(a, b)
+    pd.testing.assert_frame_equal(a.comm, b.comm)
+    _assert_same_models(dyn.models, avg.models)
+    dyn2 = capturing(get_method("feddyn"))
+    run(data, dyn2(alpha=0.5), rounds=2)
+    assert not torch.equal(dyn2.models["site0"]["head.weight"], avg.models["site0"]["head.weight"])
+
+
+def test_feddyn_local_step_and_gradient_state_on_a_hand_computed_example():
+    from pflbench.methods.feddyn import GRAD
+
+    alpha, lr = 2.0, 0.05
+    work = {"epochs": None, "steps": 3, "lr": lr, **SGD}
+    batches = list(make_client(tiny_unet(), **work).batches())
+    torch.manual_seed(3)
+    g = {n: 0.1 * torch.randn_like(t) for n, t in _params(tiny_unet()).items()}
+    client = make_client(tiny_unet(), state={GRAD: dict(g)}, **work)
+    get_method("feddyn")(alpha=alpha).local_update(client)
+    # by hand: θ ← θ − η(∇L(θ) − gᵢ + α(θ − θᵗ⁻¹)); then gᵢ ← gᵢ − α(θ − θᵗ⁻¹)
+    model = tiny_unet().train()
+    params = dict(model.named_parameters())
+    anchor = _params(model)
+    for x, y in batches:
+        grads = torch.autograd.grad(segmentation_loss(model(x), y), list(params.values()))
+        with torch.no_grad():
+            for (n, p), gr in zip(params.items(), grads, strict=True):
+                p.sub_(lr * (gr - g[n] + alpha * (p - anchor[n])))
+    got = _params(client.model)
+    for n in params:
+        torch.testing.assert_close(got[n], params[n].detach(), rtol=1e-5, atol=1e-6, msg=n)
+        expected_g = g[n] - alpha * (params[n].detach() - anchor[n])
+        torch.testing.assert_close(client.state[GRAD][n], expected_g, rtol=1e-5, atol=1e-6)
+
+
+def test_feddyn_server_correction_on_a_hand_computed_example():
+    model = nn.Linear(2, 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    m = get_method("feddyn")(alpha=0.5)
+    m.start_server(model, ["a", "b", "c", "d"])  # θ⁰ = 0, N = 4
+
+    def up(value: float) -> Upload:
+        return Upload(
+            entries={k: torch.full_like(v, value) for k, v in model.state_dict().items()},
+            weight=1.0,
+        )
+
+    # round 1: avg = 2, h = −α/N·(1 + 3) = −0.5, θ¹ = 2 − h/α = 3 (official: avg + mean drift
+    # over all 4 clients = 2 + (1 + 3)/4 = 3)
+    msg = m.aggregate({"a": up(1.0), "b": up(3.0)}, 1)
+    assert torch.allclose(msg.entries["weight"], torch.full((1, 2), 3.0))
+    # round 2: drift 5 − 3 = 2, h = −0.5 − 0.5/4·2 = −0.75, θ² = 5 + 1.5 = 6.5 (official:
+    # 5 + (1 + 3 + 2)/4)
+    msg = m.aggregate({"c": up(5.0)}, 2)
+    assert torch.allclose(msg.entries["bias"], torch.full((1,), 6.5))
