@@ -8,6 +8,7 @@ a hand-computed example of the step that makes it different.
 from __future__ import annotations
 
 import pandas as pd
+import pytest
 import torch
 from method_helpers import capturing, make_client, run, tiny_federation, tiny_unet
 from torch import nn
@@ -205,3 +206,65 @@ def test_feddyn_server_correction_on_a_hand_computed_example():
     # 5 + (1 + 3 + 2)/4)
     msg = m.aggregate({"c": up(5.0)}, 2)
     assert torch.allclose(msg.entries["bias"], torch.full((1,), 6.5))
+
+
+# FedNova -----------------------------------------------------------------------------------------
+
+
+def test_fednova_with_equal_local_step_counts_is_bitwise_fedavg():
+    data = tiny_federation(sizes=[6, 10, 14])  # unequal weights, equal steps
+    nova, avg = capturing(get_method("fednova")), capturing(get_method("fedavg"))
+    _, a = run(data, nova(), rounds=2, local_epochs=None, local_steps=3)
+    _, b = run(data, avg(), rounds=2, local_epochs=None, local_steps=3)
+    assert a.rounds["value"].gt(0).any()
+    _assert_same_results(a, b)
+    _assert_same_models(nova.models, avg.models)
+    # with epochs the larger sites take more steps, and the average is no longer FedAvg's
+    nova2, avg2 = capturing(get_method("fednova")), capturing(get_method("fedavg"))
+    run(data, nova2(), rounds=1, local_epochs=1)
+    run(data, avg2(), rounds=1, local_epochs=1)
+    assert not torch.equal(
+        nova2.models["site0"]["head.weight"], avg2.models["site0"]["head.weight"]
+    )
+
+
+def test_fednova_server_step_on_a_hand_computed_example():
+    from pflbench.methods.fednova import NORM
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+    m = get_method("fednova")()
+    m.start_server(model, ["a", "b"])  # x = 0
+    floating = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    def up(value: float, weight: float, norm: float) -> Upload:
+        entries = {k: torch.full_like(v, value) for k, v in floating.items()}
+        return Upload(entries=entries, weight=weight, extras={NORM: norm})
+
+    msg = m.aggregate({"a": up(1.0, 1.0, 2.0), "b": up(4.0, 3.0, 6.0)}, 1)
+    # τ_eff = (1·2 + 3·6)/4 = 5; x⁺ = 0 + 5·(¼·1/2 + ¾·4/6) = 3.125 (FedAvg: 3.25)
+    assert torch.allclose(msg.entries["0.weight"], torch.full((2, 2), 3.125))
+    assert torch.allclose(msg.entries["1.bias"], torch.full((2,), 3.125))
+    # BN running statistics have no steps: averaged as FedAvg
+    assert torch.allclose(msg.entries["1.running_mean"], torch.full((2,), 3.25))
+    # round 2 starts from the x just sent: one client, ‖a‖ = 4, y = 5: x⁺ = 3.125 + 4·(5 − 3.125)/4
+    msg = m.aggregate({"a": up(5.0, 1.0, 4.0)}, 2)
+    assert torch.allclose(msg.entries["0.bias"], torch.full((2,), 5.0))
+
+
+def test_fednova_normalizer_counts_steps_and_momentum():
+    from pflbench.methods.fednova import NORM, normalizing_norm
+
+    rho, tau = 0.9, 3
+    closed = (tau - rho * (1 - rho**tau) / (1 - rho)) / (1 - rho)  # the paper's ‖a‖₁
+    assert normalizing_norm(tau, rho) == pytest.approx(closed) == pytest.approx(5.61)
+    assert normalizing_norm(tau, 0.0) == 3.0
+    m = get_method("fednova")()
+    sgd = make_client(tiny_unet(), epochs=None, steps=3, optimizer="sgd", momentum=rho)
+    m.local_update(sgd)
+    assert m.upload(sgd).extras[NORM] == pytest.approx(5.61)
+    adam = make_client(tiny_unet(), epochs=2)  # 10 images, batches 4 + 4 + 2: 3 steps an epoch
+    m.local_update(adam)
+    assert m.upload(adam).extras[NORM] == 6.0
