@@ -10,7 +10,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-from method_helpers import capturing, make_client, run, tiny_federation, tiny_unet
+from method_helpers import capturing, make_client, run, state_of, tiny_federation, tiny_unet
 from torch import nn
 
 from pflbench.messages import Upload
@@ -268,3 +268,74 @@ def test_fednova_normalizer_counts_steps_and_momentum():
     adam = make_client(tiny_unet(), epochs=2)  # 10 images, batches 4 + 4 + 2: 3 steps an epoch
     m.local_update(adam)
     assert m.upload(adam).extras[NORM] == 6.0
+
+
+# MOON --------------------------------------------------------------------------------------------
+
+
+def test_moon_with_mu_zero_is_bitwise_fedavg():
+    data = tiny_federation(sizes=[6, 10, 14])
+    moon, avg = capturing(get_method("moon")), capturing(get_method("fedavg"))
+    _, a = run(data, moon(mu=0.0), rounds=3)
+    _, b = run(data, avg(), rounds=3)
+    assert a.rounds["value"].gt(0).any()
+    _assert_same_results(a, b)
+    pd.testing.assert_frame_equal(a.comm, b.comm)
+    _assert_same_models(moon.models, avg.models)
+    # μ > 0: round 1 has no negative yet (ℓ_con = 0), from round 2 the term changes the run
+    moon2 = capturing(get_method("moon"))
+    _, c = run(data, moon2(mu=1.0), rounds=3)
+    assert not torch.equal(moon2.models["site0"]["head.weight"], avg.models["site0"]["head.weight"])
+    assert c.info["budget"]["moon"] == 2 * 2 * c.info["budget"]["local"] // 3  # rounds 2, 3
+
+
+def test_moon_representation_is_the_pooled_bottleneck():
+    from pflbench.methods.moon import rep_of, representation_module
+
+    model = tiny_unet()  # depth 2: encoder.2 is the bottleneck, 4·2² = 16 channels
+    assert representation_module(model) is model.encoder[2]
+    x = torch.rand(3, 1, 16, 16)
+    skips = []
+    h = x
+    for stage in model.encoder:
+        h = stage(h)
+        skips.append(h)
+    torch.testing.assert_close(rep_of(model, x), skips[-1].mean(dim=(2, 3)))
+    assert rep_of(model, x).shape == (3, 16)
+
+
+def test_moon_contrastive_loss_on_a_hand_computed_example():
+    from pflbench.methods.moon import contrastive_loss
+
+    z = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    z_glob = torch.tensor([[2.0, 0.0], [1.0, 0.0]])  # cosines 1, 1/√2
+    z_prev = torch.tensor([[0.0, 3.0], [-1.0, -1.0]])  # cosines 0, −1
+    t = 0.5
+    pos, neg = torch.tensor([1.0, 2**-0.5]), torch.tensor([0.0, -1.0])
+    expected = -torch.log(torch.exp(pos / t) / (torch.exp(pos / t) + torch.exp(neg / t))).mean()
+    torch.testing.assert_close(contrastive_loss(z, z_glob, z_prev, t), expected)
+    # a swapped positive/negative is a near miss that lands elsewhere
+    assert float(contrastive_loss(z, z_prev, z_glob, t)) > float(expected) + 1.0
+
+
+def test_moon_local_step_adds_mu_times_the_contrastive_gradient():
+    from pflbench.methods.moon import PREVIOUS, contrastive_loss, rep_of
+
+    mu, lr = 3.0, 0.05
+    work = {"epochs": None, "steps": 1, "lr": lr, **SGD}
+    ((x, y),) = list(make_client(tiny_unet(), **work).batches())
+    previous = tiny_unet(5)
+    client = make_client(tiny_unet(), state={PREVIOUS: state_of(previous)}, **work)
+    get_method("moon")(mu=mu).local_update(client)
+    model, glob = tiny_unet().train(), tiny_unet().eval()
+    previous.eval()
+    with torch.no_grad():
+        zg, zp = rep_of(glob, x), rep_of(previous, x)
+    logits = model(x)
+    loss = segmentation_loss(logits, y) + mu * contrastive_loss(rep_of(model, x), zg, zp, 0.5)
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(loss, list(params.values()))
+    got = _params(client.model)
+    for (n, p), g in zip(params.items(), grads, strict=True):
+        torch.testing.assert_close(got[n], p.detach() - lr * g, rtol=1e-5, atol=1e-6, msg=n)
+    assert client.state[PREVIOUS]["head.weight"].equal(got["head.weight"])
