@@ -132,15 +132,6 @@ def test_scaffold_server_variate_is_the_sum_of_updates_over_all_clients():
     assert torch.equal(msg.extras["c"]["weight"], torch.full((1, 2), 1.5))
 
 
-def test_scaffold_sends_its_variates_and_counts_them():
-    data = tiny_federation()
-    _, s = run(data, "scaffold", rounds=2)
-    _, f = run(data, "fedavg", rounds=2)
-    extra = _param_bytes(tiny_unet()) * len(data.sites)
-    diff = _uploads_by_round(s) - _uploads_by_round(f)
-    assert (diff["bytes_up"] == extra).all() and (diff["bytes_down"] == extra).all()
-
-
 # FedDyn ------------------------------------------------------------------------------------------
 
 
@@ -339,3 +330,29 @@ def test_moon_local_step_adds_mu_times_the_contrastive_gradient():
     for (n, p), g in zip(params.items(), grads, strict=True):
         torch.testing.assert_close(got[n], p.detach() - lr * g, rtol=1e-5, atol=1e-6, msg=n)
     assert client.state[PREVIOUS]["head.weight"].equal(got["head.weight"])
+
+
+# bytes -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "method, up_extra, down_extra",
+    [
+        ("scaffold", "params", "params"),  # Δcᵢ up, c down: one float per parameter each
+        ("feddyn", 0, 0),  # h stays on the server, gᵢ on the client
+        ("fednova", 8, 0),  # ‖aᵢ‖₁, one number
+        ("moon", 0, 0),  # the previous local model never leaves the client
+    ],
+)
+def test_bytes_per_round_against_fedavg(method, up_extra, down_extra):
+    data = tiny_federation()
+    _, m = run(data, method, rounds=2, local_epochs=1)
+    _, f = run(data, "fedavg", rounds=2, local_epochs=1)
+    params = _param_bytes(tiny_unet())
+    per_client = {"params": params}
+    diff = _uploads_by_round(m) - _uploads_by_round(f)
+    n = len(data.sites)
+    assert (diff["bytes_up"] == n * per_client.get(up_extra, up_extra)).all()
+    assert (diff["bytes_down"] == n * per_client.get(down_extra, down_extra)).all()
+    setup = m.comm[m.comm["round"] == 0]
+    assert setup["bytes_up"].sum() == setup["bytes_down"].sum() == 0
