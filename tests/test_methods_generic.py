@@ -356,3 +356,56 @@ def test_bytes_per_round_against_fedavg(method, up_extra, down_extra):
     assert (diff["bytes_down"] == n * per_client.get(down_extra, down_extra)).all()
     setup = m.comm[m.comm["round"] == 0]
     assert setup["bytes_up"].sum() == setup["bytes_down"].sum() == 0
+
+
+# FedRDN ------------------------------------------------------------------------------------------
+
+
+def test_fedrdn_sends_only_channel_statistics_and_counts_their_bytes():
+    from pflbench.methods.fedrdn import channel_statistics
+
+    data = tiny_federation(sizes=[6, 10, 14])
+    _, out = run(data, "fedrdn", rounds=1, local_epochs=1)
+    setup = out.comm[out.comm["round"] == 0].groupby("client")[["bytes_up", "bytes_down"]].sum()
+    channels, n = data.sites[0].images.shape[1], len(data.sites)
+    assert (setup["bytes_up"] == 2 * channels * 4).all()  # mean and std, float32
+    assert (setup["bytes_down"] == n * 2 * channels * 4).all()  # everybody's statistics
+    _, avg = run(data, "fedavg", rounds=1, local_epochs=1)
+    assert _uploads_by_round(out).equals(_uploads_by_round(avg))  # rounds cost as FedAvg
+    # what a client sends is its statistics, not its images: one number per channel each
+    payload = get_method("fedrdn")().setup(make_client(tiny_unet(), site=1))
+    assert set(payload) == {"mean", "std"}
+    assert all(t.shape == (channels,) for t in payload.values())
+    images = data.sites[1].images
+    expected_std = images.flatten(2).std(2).mean(0)
+    torch.testing.assert_close(payload["std"], expected_std)
+    with pytest.raises(ValueError, match="site 'flat'.*std 0"):
+        channel_statistics(torch.ones(2, 1, 4, 4), "flat")
+
+
+def test_fedrdn_trains_on_normalized_inputs_and_evaluates_with_its_own_statistics():
+    from pflbench.methods.fedrdn import BANK, OWN
+
+    lr = 0.05
+    work = {"epochs": None, "steps": 2, "lr": lr, **SGD}
+    batches = list(make_client(tiny_unet(), **work).batches())
+    stats = {"mean": torch.tensor([0.3]), "std": torch.tensor([0.2])}
+    client = make_client(tiny_unet(), state={BANK: {"site9": stats}, OWN: stats}, **work)
+    get_method("fedrdn")().local_update(client)
+    model = tiny_unet().train()  # by hand: SGD on (x − μ)/σ
+    params = dict(model.named_parameters())
+    for x, y in batches:
+        grads = torch.autograd.grad(
+            segmentation_loss(model((x - 0.3) / 0.2), y), list(params.values())
+        )
+        with torch.no_grad():
+            for p, g in zip(params.values(), grads, strict=True):
+                p.sub_(lr * g)
+    got = _params(client.model)
+    for n, p in params.items():
+        torch.testing.assert_close(got[n], p.detach(), rtol=1e-5, atol=1e-6, msg=n)
+    x = torch.rand(2, 1, 16, 16)
+    evaluated = get_method("fedrdn")().eval_model(client).eval()
+    client.model.eval()
+    torch.testing.assert_close(evaluated(x), client.model((x - 0.3) / 0.2))
+    assert not torch.allclose(evaluated(x), client.model(x))
