@@ -47,15 +47,24 @@ def fit_counting_steps(
 
 
 @contextlib.contextmanager
-def gradient_offsets(model: nn.Module, offsets: Mapping[str, torch.Tensor]) -> Iterator[None]:
+def gradient_offsets(
+    model: nn.Module, offsets: Mapping[str, torch.Tensor], raw_sum: Tensors | None = None
+) -> Iterator[None]:
     """Add ``offsets[name]`` to each named parameter's gradient as it is computed (before the
-    optimizer sees it), for the duration; the hooks are removed afterwards, since the engine
-    reuses one live model for every client."""
+    optimizer sees it), for the duration; with ``raw_sum`` also add every raw (uncorrected)
+    gradient into ``raw_sum[name]``. The hooks are removed afterwards, since the engine reuses
+    one live model for every client."""
     handles = []
     for name, p in model.named_parameters():
         if name in offsets and p.requires_grad:
             d = offsets[name].to(device=p.device, dtype=p.dtype)
-            handles.append(p.register_hook(lambda g, d=d: g + d))
+
+            def hook(g: torch.Tensor, d: torch.Tensor = d, name: str = name) -> torch.Tensor:
+                if raw_sum is not None:
+                    raw_sum[name] += g.detach()
+                return g + d
+
+            handles.append(p.register_hook(hook))
     try:
         yield
     finally:

@@ -113,6 +113,61 @@ def test_scaffold_local_step_and_option_two_variate_on_a_hand_computed_example()
     assert max(float((plain[n] - got[n]).abs().max()) for n in got) > 1e-3
 
 
+def _scaffold_client(work, c, c_i):
+    return make_client(
+        tiny_unet(),
+        state={scaffold_module.SERVER_C: dict(c), scaffold_module.CLIENT_C: dict(c_i)},
+        **work,
+    )
+
+
+def test_scaffold_under_adam_uses_the_mean_raw_gradient_which_is_option_two_under_sgd():
+    lr, steps = 0.01, 3
+    shapes = _params(tiny_unet())
+    torch.manual_seed(7)
+    c = {n: 0.01 * torch.randn_like(t) for n, t in shapes.items()}
+    c_i = {n: 0.01 * torch.randn_like(t) for n, t in shapes.items()}
+    # under SGD the two rules are one: option II's (x − y)/(Kη) − c + cᵢ is the mean raw gradient
+    sgd = {"epochs": None, "steps": steps, "lr": 0.05, **SGD}
+    a, b = _scaffold_client(sgd, c, c_i), _scaffold_client(sgd, c, c_i)
+    get_method("scaffold")(variate="option_ii").local_update(a)
+    get_method("scaffold")(variate="mean_gradient").local_update(b)
+    for n in shapes:
+        torch.testing.assert_close(
+            a.state[scaffold_module.CLIENT_C][n],
+            b.state[scaffold_module.CLIENT_C][n],
+            rtol=1e-3,
+            atol=1e-5,
+        )
+    # under Adam (auto): Adam steps on g + c − cᵢ, and cᵢ⁺ = the mean of the raw g, by hand
+    adam = {"epochs": None, "steps": steps, "lr": lr}
+    batches = list(make_client(tiny_unet(), **adam).batches())
+    client = _scaffold_client(adam, c, c_i)
+    get_method("scaffold")().local_update(client)
+    model = tiny_unet().train()
+    params = dict(model.named_parameters())
+    opt = torch.optim.Adam(params.values(), lr=lr)
+    raw = {n: torch.zeros_like(t) for n, t in shapes.items()}
+    for x, y in batches:
+        opt.zero_grad()
+        grads = torch.autograd.grad(segmentation_loss(model(x), y), list(params.values()))
+        for (n, p), g in zip(params.items(), grads, strict=True):
+            raw[n] += g
+            p.grad = g + c[n] - c_i[n]
+        opt.step()
+    got = _params(client.model)
+    for n, p in params.items():
+        torch.testing.assert_close(got[n], p.detach(), rtol=1e-5, atol=1e-6, msg=n)
+        expected = raw[n] / steps
+        torch.testing.assert_close(client.state[scaffold_module.CLIENT_C][n], expected)
+    # literal option II under Adam is another quantity: about one per coordinate, not a gradient
+    literal = _scaffold_client(adam, c, c_i)
+    get_method("scaffold")(variate="option_ii").local_update(literal)
+    big = literal.state[scaffold_module.CLIENT_C]["encoder.0.conv1.weight"].abs().mean()
+    small = client.state[scaffold_module.CLIENT_C]["encoder.0.conv1.weight"].abs().mean()
+    assert big > 10 * small
+
+
 def test_scaffold_server_variate_is_the_sum_of_updates_over_all_clients():
     model = nn.Linear(2, 1)
     m = get_method("scaffold")()
