@@ -464,3 +464,61 @@ def test_fedrdn_trains_on_normalized_inputs_and_evaluates_with_its_own_statistic
     client.model.eval()
     torch.testing.assert_close(evaluated(x), client.model((x - 0.3) / 0.2))
     assert not torch.allclose(evaluated(x), client.model(x))
+
+
+# FedLWS ------------------------------------------------------------------------------------------
+
+
+def test_fedlws_shrinks_each_layer_by_the_hand_computed_factor():
+    model = nn.Sequential(nn.Linear(1, 1), nn.BatchNorm1d(1))
+    with torch.no_grad():
+        model[0].weight.fill_(3.0)
+        model[0].bias.fill_(4.0)  # layer 0: w = [3, 4], ‖w‖ = 5
+        model[1].weight.fill_(1.0)
+        model[1].bias.fill_(0.0)
+    m = get_method("fedlws")(beta=0.1)
+    m.start_server(model, ["a", "b"])
+    assert m.groups == [["0.weight", "0.bias"], ["1.weight", "1.bias"]]
+
+    def up(w: float, b: float, bn: float, stat: float) -> Upload:
+        entries = {
+            "0.weight": torch.tensor([[w]]),
+            "0.bias": torch.tensor([b]),
+            "1.weight": torch.tensor([bn]),
+            "1.bias": torch.tensor([0.0]),
+            "1.running_mean": torch.tensor([stat]),
+            "1.running_var": torch.tensor([1.0]),
+        }
+        return Upload(entries=entries, weight=1.0)
+
+    # layer 0: clients [4, 4] and [2, 6]: w̄ = [3, 5], ‖w̄ − w‖ = 1; Δ = [1, 0], [−1, 2],
+    # Δ̄ = [0, 1], spread = √2, τ = 0.1·√2 (inside [0.01, 0.2]); γ = 5 / (5 + 0.1·√2)
+    msg = m.aggregate({"a": up(4.0, 4.0, 1.0, 2.0), "b": up(2.0, 6.0, 1.0, 4.0)}, 1)
+    gamma = 5 / (5 + 0.1 * 2**0.5)
+    assert m.last_gammas[0] == pytest.approx(gamma)
+    assert torch.allclose(msg.entries["0.weight"], torch.tensor([[3.0 * gamma]]))
+    assert torch.allclose(msg.entries["0.bias"], torch.tensor([5.0 * gamma]))
+    # layer 1 did not move (w̄ = w): γ = 1; BN statistics are FedAvg's, never shrunk
+    assert m.last_gammas[1] == 1.0
+    assert torch.equal(msg.entries["1.running_mean"], torch.tensor([3.0]))
+    # τ is clipped: a tiny β gives τ_min = 0.01
+    m2 = get_method("fedlws")(beta=1e-6)
+    m2.start_server(model, ["a", "b"])
+    m2.aggregate({"a": up(4.0, 4.0, 1.0, 2.0), "b": up(2.0, 6.0, 1.0, 4.0)}, 1)
+    assert m2.last_gammas[0] == pytest.approx(5 / (5 + 0.01))
+    with pytest.raises(ValueError, match="min_tau"):
+        get_method("fedlws")(min_tau=0.5, max_tau=0.1)
+
+
+def test_fedlws_round_is_fedavg_times_layer_factors():
+    data = tiny_federation(sizes=[6, 10, 14])
+    lws, avg = capturing(get_method("fedlws")), capturing(get_method("fedavg"))
+    fed, out = run(data, lws(), rounds=1, local_epochs=1)
+    run(data, avg(), rounds=1, local_epochs=1)
+    gammas = fed.method.last_gammas
+    assert all(0 < g < 1 for g in gammas)  # every layer moved, so every layer shrinks
+    for names, g in zip(fed.method.groups, gammas, strict=True):
+        for n in names:
+            torch.testing.assert_close(lws.models["site0"][n], avg.models["site0"][n] * g)
+    stat = "encoder.0.norm1.running_mean"
+    assert torch.equal(lws.models["site0"][stat], avg.models["site0"][stat])
