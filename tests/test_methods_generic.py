@@ -397,6 +397,8 @@ def test_moon_local_step_adds_mu_times_the_contrastive_gradient():
         ("feddyn", 0, 0),  # h stays on the server, gᵢ on the client
         ("fednova", 8, 0),  # ‖aᵢ‖₁, one number
         ("moon", 0, 0),  # the previous local model never leaves the client
+        ("fedlws", 0, 0),  # the shrinking is server computation
+        ("fedawa", 0, 0),  # the weights are learned on the server from the uploads
     ],
 )
 def test_bytes_per_round_against_fedavg(method, up_extra, down_extra):
@@ -522,3 +524,47 @@ def test_fedlws_round_is_fedavg_times_layer_factors():
             torch.testing.assert_close(lws.models["site0"][n], avg.models["site0"][n] * g)
     stat = "encoder.0.norm1.running_mean"
     assert torch.equal(lws.models["site0"][stat], avg.models["site0"][stat])
+
+
+# FedAWA ------------------------------------------------------------------------------------------
+
+
+def test_fedawa_weights_on_a_hand_computed_example():
+    import math
+
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 0.0]]))  # w = [1, 0]
+    m = get_method("fedawa")()
+    m.start_server(model, ["a", "b"])
+
+    def up(v, weight):
+        return Upload(entries={"weight": torch.tensor([v])}, weight=weight)
+
+    uploads = {"a": up([1.0, 1.0], 1.0), "b": up([2.0, 0.0], 3.0)}
+    msg = m.aggregate(uploads, 1)
+    # round 1 aggregates with softmax(T) for T = w/Σw = [¼, ¾] (logits, as the official code)
+    pa = math.exp(0.25) / (math.exp(0.25) + math.exp(0.75))
+    assert m.last_weights["a"] == pytest.approx(pa)
+    expected = torch.tensor([[pa * 1 + (1 - pa) * 2, pa * 1]])
+    torch.testing.assert_close(msg.entries["weight"], expected)
+    # the loss in s = p_a: Δ_a = [0, 1], Δ_b = [1, 0], so sim = 2√2·s(1 − s) and
+    # reg = s·(1 − 1/√2); dL/ds = 2√2(1 − 2s) + 1 − 1/√2 > 0 at s = 0.3775, so one fresh Adam
+    # step (|step| = lr) lowers T_a and raises T_b by 0.001
+    assert 2 * 2**0.5 * (1 - 2 * pa) + 1 - 2**-0.5 > 0
+    assert m.logits["a"] == pytest.approx(0.25 - 0.001, abs=1e-7)
+    assert m.logits["b"] == pytest.approx(0.75 + 0.001, abs=1e-7)
+    # round 2 uses the updated logits and the new global model
+    m.aggregate(uploads, 2)
+    pa2 = math.exp(0.249) / (math.exp(0.249) + math.exp(0.751))
+    assert m.last_weights["a"] == pytest.approx(pa2, abs=1e-6)
+
+
+def test_fedawa_round_is_a_weighted_average_with_the_learned_weights():
+    data = tiny_federation(sizes=[6, 10, 14])
+    fed, _ = run(data, "fedawa", rounds=2, local_epochs=1)
+    w = fed.method.last_weights
+    assert sum(w.values()) == pytest.approx(1.0)
+    assert all(v > 0 for v in w.values())
+    # FedAvg's weights would be 6/30, 10/30, 14/30; the learned ones are near-uniform softmaxes
+    assert w["site0"] != pytest.approx(6 / 30, abs=0.05)
