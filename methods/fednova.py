@@ -56,6 +56,8 @@ class FedNova(Method):
 
     Checked against the official code (JYWa/FedNova, ``distoptim/FedNova.py``); its server
     momentum ``gmf`` and proximal variant (μ > 0) are not included (their defaults are 0).
+    FL-MedSegBench's FedNova takes τᵢ = batches per epoch (whatever the epochs) and normalizes
+    BN statistics too; here τᵢ counts every optimizer step of the round.
     Evaluated model: the global model x. Bytes: FedAvg's plus 8 per upload. Optimizer state
     reset every round; no extra passes.
     """

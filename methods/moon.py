@@ -33,16 +33,27 @@ class _Capture:
 
 
 @contextlib.contextmanager
-def captured_representation(model: nn.Module) -> Iterator[_Capture]:
-    """Record the pooled representation of every forward pass: the bottleneck feature map,
-    global-average-pooled over its spatial dimensions (N×C)."""
+def captured_representation(model: nn.Module, which: str = "bottleneck") -> Iterator[_Capture]:
+    """Record the representation of every forward pass: ``bottleneck`` = the deepest encoder
+    feature map, global-average-pooled over its spatial dimensions (N×C); ``features`` = the
+    body features entering the head, flattened (N×C·H·W, FL-MedSegBench's choice)."""
     box = _Capture()
+    if which == "bottleneck":
 
-    def hook(_module, _inputs, output):
-        feature = output[-1] if isinstance(output, (list, tuple)) else output
-        box.value = feature.mean(dim=tuple(range(2, feature.ndim)))
+        def hook(_module, _inputs, output):
+            feature = output[-1] if isinstance(output, (list, tuple)) else output
+            box.value = feature.mean(dim=tuple(range(2, feature.ndim)))
 
-    handle = representation_module(model).register_forward_hook(hook)
+        handle = representation_module(model).register_forward_hook(hook)
+    elif which == "features":
+
+        def pre_hook(_module, inputs):
+            box.value = inputs[0].flatten(1)
+
+        head = model.get_submodule(declared_path(model, "head_path", "moon"))
+        handle = head.register_forward_pre_hook(pre_hook)
+    else:
+        raise ValueError(f"moon: unknown representation {which!r}; expected bottleneck or features")
     try:
         yield box
     finally:
@@ -84,7 +95,9 @@ class MOON(Method):
     is zero, as the official one-logit cross-entropy is. Representation for a U-Net: the
     bottleneck feature map (output of the deepest encoder stage ``encoder.<depth>``; a timm
     encoder's last feature map), global-average-pooled over H×W to one C-vector per image,
-    compared by cosine similarity. The paper's projection head (a 2-layer MLP on the pooled
+    compared by cosine similarity; ``representation: features`` uses FL-MedSegBench's choice
+    instead, the body features entering the head, flattened (N×C·H·W; that benchmark also
+    sets μ = 0.01). The paper's projection head (a 2-layer MLP on the pooled
     features) is not added, so the shared model is the same U-Net every other method trains.
     μ default 1 (official code; the paper uses 5 for CIFAR-10, 1 for CIFAR-100 and
     Tiny-ImageNet); μ = 0 runs the same loop without the term and is FedAvg bit for bit.
@@ -105,6 +118,12 @@ class MOON(Method):
     params = {
         "mu": Param(1.0, low=0.01, high=10.0, log=True, valid=(0, None), help="μ: weight of ℓ_con"),
         "temperature": Param(0.5, valid=(1e-6, None), help="τ of the contrastive loss"),
+        "representation": Param(
+            "bottleneck",
+            choices=("bottleneck", "features"),
+            search=False,
+            help="bottleneck (pooled deepest encoder map) | features (flattened head input, FL-MedSegBench)",
+        ),
     }
 
     def local_update(self, client: Client) -> None:
@@ -117,15 +136,15 @@ class MOON(Method):
         opt = client.optimizer(model.parameters())
         model.train()
         where = f"client {client.id} round {client.round} (local)"
-        with captured_representation(model) as rep:
+        with captured_representation(model, self.representation) as rep:
             for x, y in client.batches("local"):
                 opt.zero_grad(set_to_none=True)
                 loss = client.loss(model(x), y)
                 if contrast:
                     z = rep.value
                     with torch.no_grad():
-                        z_global = rep_of(global_model, x)
-                        z_previous = rep_of(previous, x)
+                        z_global = rep_of(global_model, x, self.representation)
+                        z_previous = rep_of(previous, x, self.representation)
                     client.count("moon", 2 * len(x))
                     loss = loss + self.mu * contrastive_loss(
                         z, z_global, z_previous, self.temperature
@@ -135,9 +154,9 @@ class MOON(Method):
         client.state[PREVIOUS] = cloned_state(model)
 
 
-def rep_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The pooled representation of ``x`` under ``model`` (one forward pass)."""
-    with captured_representation(model) as rep:
+def rep_of(model: nn.Module, x: torch.Tensor, which: str = "bottleneck") -> torch.Tensor:
+    """The representation of ``x`` under ``model`` (one forward pass)."""
+    with captured_representation(model, which) as rep:
         model(x)
     assert rep.value is not None
     return rep.value

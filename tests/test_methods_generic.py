@@ -348,6 +348,10 @@ def test_moon_representation_is_the_pooled_bottleneck():
         skips.append(h)
     torch.testing.assert_close(rep_of(model, x), skips[-1].mean(dim=(2, 3)))
     assert rep_of(model, x).shape == (3, 16)
+    # FL-MedSegBench's reading: the head's input, flattened
+    features = model.feature_forward(x)
+    torch.testing.assert_close(rep_of(model, x, "features"), features.flatten(1))
+    assert rep_of(model, x, "features").shape == (3, 4 * 16 * 16)
 
 
 def test_moon_contrastive_loss_on_a_hand_computed_example():
