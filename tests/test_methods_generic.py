@@ -394,6 +394,12 @@ def test_moon_local_step_adds_mu_times_the_contrastive_gradient():
 # bytes -------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def fedavg_bytes_run():
+    torch.set_num_threads(1)
+    return run(tiny_federation(), "fedavg", rounds=2, local_epochs=1)[1]
+
+
 @pytest.mark.parametrize(
     "method, up_extra, down_extra",
     [
@@ -405,10 +411,10 @@ def test_moon_local_step_adds_mu_times_the_contrastive_gradient():
         ("fedawa", 0, 0),  # the weights are learned on the server from the uploads
     ],
 )
-def test_bytes_per_round_against_fedavg(method, up_extra, down_extra):
+def test_bytes_per_round_against_fedavg(method, up_extra, down_extra, fedavg_bytes_run):
     data = tiny_federation()
     _, m = run(data, method, rounds=2, local_epochs=1)
-    _, f = run(data, "fedavg", rounds=2, local_epochs=1)
+    f = fedavg_bytes_run
     params = _param_bytes(tiny_unet())
     per_client = {"params": params}
     diff = _uploads_by_round(m) - _uploads_by_round(f)
