@@ -578,3 +578,15 @@ def test_fedawa_round_is_a_weighted_average_with_the_learned_weights():
     assert all(v > 0 for v in w.values())
     # FedAvg's weights would be 6/30, 10/30, 14/30; the learned ones are near-uniform softmaxes
     assert w["site0"] != pytest.approx(6 / 30, abs=0.05)
+
+
+# state stores ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["scaffold", "feddyn", "fednova", "fedrdn", "fedlws", "fedawa"])
+def test_server_state_methods_give_the_same_run_with_uploads_on_disk(method):
+    data = tiny_federation(sizes=[6, 10, 14])
+    _, mem = run(data, method, rounds=2, local_epochs=1)
+    _, disk = run(data, method, rounds=2, local_epochs=1, store="disk")
+    _assert_same_results(mem, disk)
+    pd.testing.assert_frame_equal(mem.comm, disk.comm)
