@@ -176,6 +176,7 @@ class Federation:
     def _setup(self) -> None:
         for cid in self.ids:
             self.store.put(cid, {"model": _state_copy(self.model), "state": {}})
+        self.method.start_server(self.model, list(self.ids))
         payloads: dict[str, Any] = {}
         for cid in self.ids:
             client = self._open(cid, 0)

@@ -8,6 +8,7 @@ the engine stores it with the client's model (in memory or on disk).
 
 Hooks (side, default):
     partition(model)          both    every floating-point entry shared
+    start_server(model, ids)  server  nothing (the server's copy of the initial model)
     setup(client)             client  nothing sent
     setup_server(payloads)    server  nothing sent back
     receive_setup(client, m)  client  keep m in client.state["setup"]
@@ -21,7 +22,7 @@ Hooks (side, default):
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -93,6 +94,15 @@ class Method:
         return self.partition(client.model)
 
     # setup ---------------------------------------------------------------------------------
+    def start_server(self, model: nn.Module, client_ids: Sequence[str]) -> None:
+        """The server's start: the initial global model it broadcasts and its clients' ids.
+
+        Free of bytes as in every method: all clients start from the same seeded model, which
+        the engine does not count as a broadcast. Methods with server state that depends on the
+        previous global model (FedNova, FedDyn) or on the federation's size (SCAFFOLD) keep it
+        here; FedAvg needs nothing.
+        """
+
     def setup(self, client: Client) -> Any:
         return None
 
