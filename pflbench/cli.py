@@ -483,7 +483,8 @@ def _find_plugin(name: str) -> tuple[str, object]:
 @click.argument("name")
 def show(name: str) -> None:
     """Show a method (paper, hyperparameters, defaults, search ranges), a dataset (options,
-    expected folder layout) or a model (options)."""
+    source, licence, how to get it, citation, expected folder layout; as docs/datasets.md) or a
+    model (options)."""
     kind, cls = _find_plugin(name)
     if kind == "methods":
         out_console.print(f"[bold]{name}[/] — {getattr(cls, 'paper', '')}")
@@ -503,6 +504,15 @@ def show(name: str) -> None:
     for oname, default in _init_options(cls).items():
         t.add_row(oname, default)
     out_console.print(t)
+    for field, title in (
+        ("source", "source"),
+        ("homepage", "project page"),
+        ("licence", "licence"),
+        ("access", "how to get it"),
+        ("citation", "cite"),
+    ):
+        if getattr(cls, field, ""):
+            out_console.print(f"[bold]{title}:[/] {getattr(cls, field)}", highlight=False)
     tree = getattr(cls, "expected_tree", "")
     if tree:
         out_console.print(

@@ -19,6 +19,12 @@ def test_show_a_dataset_lists_its_options_and_layout():
     assert "prostate (dataset)" in res.output and "Fed-Prostate" in res.output
     assert "root" in res.output and "required" in res.output and "sites" in res.output
     assert "RUNMC/" in res.output  # the expected folder layout
+    from pflbench.datasets.prostate import Prostate
+
+    # provenance, as docs/datasets.md has it
+    for title in ("project page:", "licence:", "how to get it:", "cite:"):
+        assert title in res.output
+    assert Prostate.homepage.split()[0] in res.output.replace("\n", "")
 
 
 def test_show_a_model_and_a_method():
