@@ -101,29 +101,27 @@ def _dry_run(suite: Suite, out_dir: Path) -> None:
     _print_protocols(suite, protocol_differences(suite))
     if suite.tuning is not None:
         from pflbench.results import iter_runs
+        from pflbench.runner import planned_studies
 
+        plan_ = planned_studies(suite)
         t = Table(title=f"{suite.name}: tuning plan (nothing is run)")
         for col in ("dataset", "method", "trials", "tuning seeds", "final runs"):
             t.add_column(col)
-        n_final = 0
-        for d in suite.datasets:
-            for m in suite.methods:
-                finals = 2 * len(suite.seeds)  # tuned + default per reporting seed
-                n_final += finals
-                t.add_row(
-                    d.key,
-                    m.key,
-                    str(suite.tuning.trials),
-                    ",".join(map(str, suite.tuning.seeds)),
-                    f"{finals} (tuned + default × seeds {','.join(map(str, suite.seeds))})",
-                )
+        seeds = ",".join(map(str, suite.seeds))
+        for r in plan_.itertuples():
+            t.add_row(
+                r.dataset,
+                r.method,
+                str(r.trials),
+                r.tuning_seeds,
+                f"{r.final_runs} (tuned + default × seeds {seeds})",
+            )
         out_console.print(t)
-        studies = len(suite.datasets) * len(suite.methods)
         done = sum(1 for _ in iter_runs(out_dir)) if out_dir.is_dir() else 0
         out_console.print(
-            f"{studies} studies × {suite.tuning.trials} trials + {n_final} final runs "
-            f"(a tuned configuration equal to the default is run once); {done} finished runs "
-            f"already in {out_dir}"
+            f"{len(plan_)} studies × {suite.tuning.trials} trials + {int(plan_.final_runs.sum())} "
+            f"final runs (a tuned configuration equal to the default is run once); {done} "
+            f"finished runs already in {out_dir}"
         )
         return
     rows = planned_runs(suite, out_dir)

@@ -132,6 +132,25 @@ def planned_runs(suite: Suite, out: str | Path, cache: DataCache | None = None) 
     return pd.DataFrame(rows, columns=["dataset", "method", "label", "seed", "run_key", "done"])
 
 
+def planned_studies(suite: Suite) -> pd.DataFrame:
+    """A tuning suite's plan (for ``--dry-run``): one study per (dataset, method) with its
+    trials and tuning seeds, then the tuned and the default configuration on every reporting
+    seed."""
+    assert suite.tuning is not None, "planned_studies needs a suite with a tuning section"
+    rows = [
+        {
+            "dataset": d.key,
+            "method": m.key,
+            "trials": suite.tuning.trials,
+            "tuning_seeds": ",".join(map(str, suite.tuning.seeds)),
+            "final_runs": 2 * len(suite.seeds),
+        }
+        for d in suite.datasets
+        for m in suite.methods
+    ]
+    return pd.DataFrame(rows, columns=["dataset", "method", "trials", "tuning_seeds", "final_runs"])
+
+
 def protocol_differences(suite: Suite) -> dict[str, list[str]]:
     """Per dataset, the protocol settings that differ from the suite's (``key=value``, dotted
     for mappings), so a plan shows which runs a dataset's ``protocol`` block changes."""

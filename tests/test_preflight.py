@@ -142,6 +142,21 @@ def test_dry_run_shows_each_datasets_protocol(tmp_path):
     assert "8 runs: 0 DONE, 8 to run (1/3 rounds by dataset)" in res.output
 
 
+def test_dry_run_of_a_tuning_suite_prints_its_study_plan(tmp_path):
+    suite = tmp_path / "tuned.yaml"
+    suite.write_text(
+        SUITE
+        + "tuning:\n  trials: 3\n  seeds: [10]\n"
+        + "  search: {lr: {low: 0.001, high: 0.1, log: true}}\n"
+    )
+    res = _run(str(suite), "--out", str(tmp_path / "o"), "--dry-run")
+    assert res.exit_code == 0, res.output
+    assert "tuning plan" in res.output
+    # 1 dataset × 2 methods; tuned + default on each of the 2 reporting seeds
+    assert "2 studies × 3 trials + 8 final runs" in res.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_workers_option_accepts_auto_and_refuses_zero(suite_file, tmp_path):
     auto = _run(str(suite_file), "--out", str(tmp_path / "o"), "--workers", "auto", "--dry-run")
     assert auto.exit_code == 0, auto.output
