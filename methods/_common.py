@@ -65,6 +65,12 @@ def local_partition(model: nn.Module, personal: Iterable[str], method: str, what
     return out
 
 
+def head_partition(model: nn.Module, method: str) -> Partition:
+    """FedAvg's partition with the head the model declares (``head_path``) kept local."""
+    path = declared_path(model, "head_path", method)
+    return local_partition(model, keys_of_module(model, path), method, f"head {path!r}")
+
+
 def param_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     """Detached copies of the parameters (not buffers): the anchor of a proximal term."""
     return {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -10,7 +10,6 @@ from torch import nn
 
 from pflbench.client import Client
 from pflbench.method import Method
-from pflbench.training import train_epochs
 
 OWN = "fedrdn/own"  # this client's (mean, std) per channel
 BANK = "fedrdn/bank"  # every client's (mean, std), received once at setup
@@ -106,15 +105,7 @@ class FedRDN(Method):
                 j = int(torch.randint(len(stds), (1,), generator=g))
                 yield normalize(x, means[i], stds[j]), y
 
-        opt = client.optimizer(client.model.parameters())
-        train_epochs(
-            client.model,
-            stream(),
-            opt,
-            where=f"client {client.id} round {client.round} (local)",
-            loss_fn=client.loss,
-        )
-        client.keep_optimizer(opt)
+        client.fit(batches=stream())
 
     def eval_model(self, client: Client) -> nn.Module:
         own = client.state[OWN]

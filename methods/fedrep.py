@@ -9,7 +9,7 @@ from torch import nn
 
 from pflbench.client import Client
 from pflbench.method import Method
-from pflbench.methods._common import declared_path, frozen, keys_of_module, local_partition, step
+from pflbench.methods._common import declared_path, frozen, head_partition, step
 from pflbench.params import Param
 from pflbench.partition import Partition
 
@@ -66,8 +66,7 @@ class FedRep(Method):
     }
 
     def partition(self, model: nn.Module) -> Partition:
-        path = declared_path(model, "head_path", self.name)
-        return local_partition(model, keys_of_module(model, path), self.name, f"head {path!r}")
+        return head_partition(model, self.name)
 
     def setup(self, client: Client) -> None:
         self.partition(client.model)

@@ -24,7 +24,6 @@ from pflbench.method import Method
 from pflbench.params import Param, ParamError
 from pflbench.partition import BATCHNORM_STATS, Partition, keys_of_types
 from pflbench.spectral import spectral_transfer, style_bank_entry
-from pflbench.training import train_epochs
 
 __all__ = ["ResFIM", "intensity_stats", "intensity_transfer", "simulate_style"]
 
@@ -333,15 +332,7 @@ class ResFIM(Method):
                         x[sel.to(x.device)] = moved
                 yield x, y
 
-        opt = client.optimizer(client.model.parameters())
-        train_epochs(
-            client.model,
-            stream(),
-            opt,
-            where=f"client {client.id} round {client.round} (local)",
-            loss_fn=client.loss,
-        )
-        client.keep_optimizer(opt)
+        client.fit(batches=stream())
 
     def fisher_data(
         self, client: Client

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -215,18 +215,24 @@ class Client:
         extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
         label: str = "local",
         key: str = "main",
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> float:
         """Train ``model`` (default: the client's model) with the suite's loss and optimizer.
 
         ``params`` restricts the trainable parameters (the rest keep their values);
         ``extra_loss(model)`` is added to every batch's loss (proximal terms); passes other than
         the suite's budget should use their own ``label`` so they are reported as extra work.
+        ``batches`` replaces the suite's batch stream by a method's own transform of it (style
+        transfer, input normalization): it should draw from ``self.batches(label)`` so that the
+        budget is counted.
         """
         model = model if model is not None else self.model
         opt = self.optimizer(params if params is not None else model.parameters(), key)
+        if batches is None:
+            batches = self.batches(label, epochs=epochs, steps=steps)
         mean_loss, _ = train_epochs(
             model,
-            self.batches(label, epochs=epochs, steps=steps),
+            batches,
             opt,
             extra_loss=extra_loss,
             where=f"client {self.id} round {self.round} ({label})",

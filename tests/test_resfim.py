@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import pflbench.client as client_module
 import pflbench.methods.resfim as resfim_module
 from pflbench.client import Budget, Client, LocalWork
 from pflbench.data import FederatedData, SiteData, make_splits
@@ -365,7 +366,7 @@ def test_style_augmentation_swaps_every_image_at_p_one(monkeypatch) -> None:
         seen.extend(batches)
         return 0.0, 0
 
-    monkeypatch.setattr(resfim_module, "train_epochs", fake_train)
+    monkeypatch.setattr(client_module, "train_epochs", fake_train)  # what Client.fit trains with
     m.fresh().local_update(cs[0])
     images, labels = sites[0].images, sites[0].labels
     assert sum(len(x) for x, _ in seen) == len(images)
