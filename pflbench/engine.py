@@ -7,6 +7,7 @@ hooks and uploads in its server hooks.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 import time
@@ -73,17 +74,32 @@ def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The protocol's mixed precision for the model's passes (local training, methods' extra
+    passes, evaluation forwards): ``bf16`` autocasts convolutions and matrix products to
+    bfloat16 (weights, gradients and optimizer state stay float32; losses and normalizations run
+    in float32, as autocast's op lists say). Metrics and aggregation never run under it: counts
+    in bfloat16 lose integers above 256. ``off`` changes nothing, so default runs are bit for
+    bit what they were."""
+    if amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
 @torch.no_grad()
 def predict(
-    model: nn.Module, data: SiteData, device: torch.device, batch: int = 32
+    model: nn.Module, data: SiteData, device: torch.device, batch: int = 32, amp: str = "off"
 ) -> torch.Tensor:
-    """Class map for every image of ``data`` (model in eval mode, restored afterwards)."""
+    """Class map for every image of ``data`` (model in eval mode, restored afterwards); only
+    the forward pass runs under ``amp``, the thresholds in float32."""
     was_training = model.training
     model.eval()
     out = []
     for i in range(0, len(data), batch):
         x = data.images[i : i + batch].to(device)
-        out.append(metrics.predict_labels(model(x)).cpu())
+        with autocast(amp, device):
+            logits = model(x)
+        out.append(metrics.predict_labels(logits.float()).cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
@@ -116,6 +132,8 @@ class Federation:
         self.ids = [c.name for c in self.clients]
         self.by_id = {c.name: c for c in self.clients}
         self.model = build_model(model_spec, data, _seed(seed, "init")).to(self.device)
+        if protocol.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.client_seed = _seed(seed, "client")
         self.sampling = np.random.default_rng(_seed(seed, "sampling"))
         self.store = store or make_store(protocol.store)
@@ -162,6 +180,9 @@ class Federation:
             lr_factor=self.protocol.lr_factor(round),
         )
 
+    def _numerics(self) -> contextlib.AbstractContextManager:
+        return autocast(self.protocol.amp, self.device)
+
     def _close(self, cid: str, client: Client) -> None:
         self.store.put(cid, {"model": _state_copy(self.model), "state": client.state})
 
@@ -180,7 +201,8 @@ class Federation:
         payloads: dict[str, Any] = {}
         for cid in self.ids:
             client = self._open(cid, 0)
-            payload = self.method.fresh().setup(client)
+            with self._numerics():
+                payload = self.method.fresh().setup(client)
             self._close(cid, client)
             if payload is not None:
                 payloads[cid] = payload
@@ -208,7 +230,8 @@ class Federation:
         for cid in self._sample():
             client = self._open(cid, r)
             m = self.method.fresh()
-            m.local_update(client)
+            with self._numerics():
+                m.local_update(client)
             up = m.upload(client) if self.method.communicates else None
             self._close(cid, client)
             if up is not None:
@@ -228,19 +251,21 @@ class Federation:
         targets = {cid: messages for cid in self.ids} if isinstance(messages, Message) else messages
         for cid, msg in targets.items():
             client = self._open(cid, r)
-            self.method.fresh().receive(client, msg)
+            with self._numerics():  # FedALA and others train or score here
+                self.method.fresh().receive(client, msg)
             self._close(cid, client)
             self._comm(r, cid, down=payload_bytes(msg))
         self.timings["aggregate_s"] += time.perf_counter() - t1
 
     def _eval_model(self, cid: str, r: int) -> nn.Module:
         client = self._open(cid, r)
-        return self.method.fresh().eval_model(client)
+        with self._numerics():  # fine-tuning methods train here
+            return self.method.fresh().eval_model(client)
 
     def _score(
         self, model: nn.Module, data: SiteData, surface: bool, pred: torch.Tensor | None = None
     ) -> pd.DataFrame:
-        pred = predict(model, data, self.device) if pred is None else pred
+        pred = predict(model, data, self.device, amp=self.protocol.amp) if pred is None else pred
         return metrics.evaluate_cases(
             pred,
             data.labels,
@@ -314,7 +339,7 @@ class Federation:
             for selection, r, model in chosen:
                 for split in splits:
                     data = getattr(self.by_id[cid], split)
-                    pred = predict(model, data, self.device)
+                    pred = predict(model, data, self.device, amp=self.protocol.amp)
                     if selection == "best" and split == "test":
                         self._keep_qualitative(cid, r, data, pred)
                     df = self._score(model, data, self.protocol.surface_metrics, pred)

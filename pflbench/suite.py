@@ -170,6 +170,13 @@ class Protocol(_Strict):
     threads: int | None = Field(None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     store: Literal["memory", "disk"] = "memory"
+    #: Mixed precision: "bf16" runs every forward pass (training, Fisher passes, evaluation)
+    #: under torch.autocast in bfloat16 with float32 weights and optimizer state; it changes
+    #: numbers, so it is part of the run key. fp16 (which needs a gradient scaler) is not offered.
+    amp: Literal["off", "bf16"] = "off"
+    #: Keep the model's weights (and so its activations) in channels_last memory layout: faster
+    #: convolutions on recent GPUs; on the CPU the same numbers up to rounding.
+    channels_last: bool = False
     #: True is ["flips"] (horizontal and vertical, p 0.5 each); "rot90" adds a rotation by a
     #: uniform multiple of 90° with p 0.5 (square images only), as albumentations'
     #: RandomRotate90 in FL-MedSegBench.
@@ -248,6 +255,8 @@ KEYED_WHEN_SET = (
     "aggregation_weights",
     "loss_smoothing",
     "selection_start",
+    "amp",
+    "channels_last",
 )
 
 #: Protocol keys a dataset may not override: they decide how a sweep's workers are laid out.

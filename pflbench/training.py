@@ -40,7 +40,9 @@ def segmentation_loss(
     smoothing 1.0 this is pflbench's own loss; FL-MedSegBench's ``DiceBCELoss`` has the same
     binary form with smoothing 1e-6 (``protocol.loss_smoothing``). The multi-class form leaves
     the background channel out of the Dice term, which that benchmark's does not.
+    Computed in float32 whatever the logits' dtype (bf16 autocast): a no-op for float32.
     """
+    logits = logits.float()
     if logits.shape[1] == 1:
         target = (labels > 0).to(logits.dtype).unsqueeze(1)
         bce = F.binary_cross_entropy_with_logits(logits, target)
