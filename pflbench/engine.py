@@ -115,7 +115,8 @@ class Federation:
         self.clients: list[ClientSplits] = build_clients(data, splits, mode)
         self.ids = [c.name for c in self.clients]
         self.by_id = {c.name: c for c in self.clients}
-        self.model = build_model(model_spec, data, _seed(seed, "init")).to(self.device)
+        seeded = build_model(model_spec, data, _seed(seed, "init"))
+        self.model = method.adapt_model(seeded).to(self.device)
         self.client_seed = _seed(seed, "client")
         self.sampling = np.random.default_rng(_seed(seed, "sampling"))
         self.store = store or make_store(protocol.store)
