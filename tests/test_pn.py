@@ -7,6 +7,7 @@ it is FedAvg over every entry of the PN model, on the seeded weights the other m
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 from conftest import TINY_MODEL, fast_protocol
@@ -217,3 +218,12 @@ def test_pn_is_registered_and_refuses_a_norm_free_suite_model_at_build_time():
     spec = ModelSpec(name="unet", options={"base": 4, "depth": 2, "norm": "none"})
     with pytest.raises(PartitionError, match="pn: model UNet has no normalization layer"):
         Federation(data, make_splits(data), PN(), spec, fast_protocol(rounds=1), 0)
+
+
+def test_pn_gives_the_same_run_with_client_state_on_disk():
+    """The PN model (a module type of its own) goes through the on-disk store and snapshots."""
+    data = tiny_federation(sizes=[6, 10, 14])
+    _, mem = run(data, "pn", rounds=2, local_epochs=1)
+    _, disk = run(data, "pn", rounds=2, local_epochs=1, store="disk")
+    for table in ("rounds", "cases", "comm"):
+        pd.testing.assert_frame_equal(getattr(mem, table), getattr(disk, table), check_exact=True)
