@@ -131,7 +131,8 @@ class Federation:
         self.clients: list[ClientSplits] = build_clients(data, splits, mode)
         self.ids = [c.name for c in self.clients]
         self.by_id = {c.name: c for c in self.clients}
-        self.model = build_model(model_spec, data, _seed(seed, "init")).to(self.device)
+        seeded = build_model(model_spec, data, _seed(seed, "init"))
+        self.model = method.adapt_model(seeded).to(self.device)
         if protocol.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.client_seed = _seed(seed, "client")

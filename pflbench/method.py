@@ -7,6 +7,7 @@ server's instance. Per-client state that must persist across rounds goes in ``cl
 the engine stores it with the client's model (in memory or on disk).
 
 Hooks (side, default):
+    adapt_model(model)        engine  the suite's model itself (the architecture is unchanged)
     partition(model)          both    every floating-point entry shared
     start_server(model, ids)  server  nothing (the server's copy of the initial model)
     setup(client)             client  nothing sent
@@ -83,6 +84,22 @@ class Method:
     def fresh(self) -> Method:
         """A new instance with the same hyperparameters (one per client hook call)."""
         return type(self)(**self.hparams)
+
+    # architecture ------------------------------------------------------------------------
+    def adapt_model(self, model: nn.Module) -> nn.Module:
+        """The model this method trains, made from the suite's freshly seeded one.
+
+        A suite has one model for every method; a method whose definition *is* an architecture
+        change (PN replaces the norm layers by Population Normalization) makes it here, so the
+        change belongs to that method alone and is never a suite option another method could
+        pick up by accident. The engine calls it once per run, right after building the seeded
+        model and before anything else sees it; every client, the server and every evaluation
+        then use what it returns. The default returns ``model`` itself: every other method's run
+        is bitwise what it was without this hook. An override must draw no random numbers (the
+        weights it keeps stay exactly those the other methods start from, so runs stay paired)
+        and must refuse (PartitionError) a model it cannot adapt rather than run something else.
+        """
+        return model
 
     # partition ---------------------------------------------------------------------------
     def partition(self, model: nn.Module) -> Partition:
