@@ -19,6 +19,12 @@ Each site has two **independent** families of shift, each scaled by its own knob
 - **label** (``label_shift``): object size, shape irregularity, position and (fundus) the
   cup-to-disc ratio; the rate of empty images scales around ``empty_fraction``.
 
+A third, optional family changes only the **annotation** (``annotation_shift``, default 0): each
+site's annotators draw every boundary a site-specific number of pixels outside (dilated) or
+inside (eroded) the object's true boundary, as sites with different delineation protocols do.
+The images are untouched, so it is a pure shift of P(label | image), the premise of
+personalized heads; the label-shift family changes P(label) and the images with it.
+
 The two families use separate random streams derived from ``seed`` (``numpy.random.SeedSequence``),
 so changing ``appearance_shift`` leaves every label bitwise unchanged, and changing
 ``label_shift`` leaves every site's acquisition parameters unchanged. Per-site parameters form a
@@ -92,6 +98,7 @@ _STREAM_LABEL_DESIGN = 1
 _STREAM_ACQ_DESIGN = 2
 _STREAM_CONTENT = 3
 _STREAM_ACQ_NOISE = 4
+_STREAM_ANNOTATION = 5
 
 # ---------------------------------------------------------------------------------------------
 # Acquisition chain (public: reused by "real anatomy, synthetic sites" datasets)
@@ -396,6 +403,31 @@ def _label_design(
         ratio=float(np.clip(0.5 + s * 0.25 * c["ratio"], 0.2, 0.85)),
         empty_rate=float(np.clip(empty_fraction * (1.0 + s * 0.8 * c["empty"]), 0.0, 0.95)),
     )
+
+
+def annotation_offsets(n_sites: int, strength: float, rng: np.random.Generator) -> list[int]:
+    """Each site's boundary offset in pixels (> 0 dilated, < 0 eroded): round(strength · c_k)
+    with c_k a Latin-hypercube stratum of [−1, 1) per site, so the sites spread over ±strength."""
+    u = [_latin_positions(k, n_sites, ("annotation",), rng) for k in range(n_sites)]
+    return [int(round(strength * (2.0 * v["annotation"] - 1.0))) for v in u]
+
+
+def _annotate(labels: np.ndarray, offset: int) -> np.ndarray:
+    """Labels (N×H×W) with every boundary moved ``offset`` pixels out (> 0) or in (< 0).
+
+    Each nested region {label ≥ c} is dilated / eroded (4-connected steps) separately and the
+    label rebuilt as their sum, so nesting (the cup inside the disc) is kept.
+    """
+    if offset == 0:
+        return labels
+    from scipy.ndimage import binary_dilation, binary_erosion, generate_binary_structure
+
+    cross = generate_binary_structure(2, 1)[None]  # never across images
+    op = binary_dilation if offset > 0 else binary_erosion
+    out = np.zeros_like(labels)
+    for c in range(1, int(labels.max(initial=0)) + 1):
+        out += op(labels >= c, structure=cross, iterations=abs(offset)).astype(labels.dtype)
+    return out
 
 
 def _f32(a: Any) -> np.ndarray:
@@ -710,6 +742,8 @@ class Synthetic(Dataset):
       must be a multiple of ``slices_per_case``. Every site needs ≥ 3 cases for the split.
     - ``slices_per_case``: prostate only, slices per volume (case).
     - ``appearance_shift``, ``label_shift``: strengths of the two shift families, in [0, 3].
+    - ``annotation_shift``: largest boundary offset in pixels between sites' annotations, in
+      [0, 8] (0: every site annotates the true boundary); images unchanged.
     - ``empty_fraction``: base rate of images (slices) without the object, in [0, 1).
     - ``seed``: integer ≥ 0; everything derives from it.
     - ``cache_dir``: if set, the arrays are cached there as ``.npz`` keyed by a hash of the options
@@ -743,6 +777,7 @@ class Synthetic(Dataset):
         empty_fraction: float = 0.0,
         seed: int = 0,
         cache_dir: str | None = None,
+        annotation_shift: float = 0.0,
     ) -> None:
         self.flavour = flavour
         self.sites = sites
@@ -752,6 +787,7 @@ class Synthetic(Dataset):
         self.appearance_shift = appearance_shift
         self.label_shift = label_shift
         self.empty_fraction = empty_fraction
+        self.annotation_shift = annotation_shift
         self.seed = seed
         self.cache_dir = str(cache_dir) if cache_dir is not None else None
         self._counts = self._validate()
@@ -779,6 +815,11 @@ class Synthetic(Dataset):
             v = getattr(self, opt)
             if not _is_number(v) or not math.isfinite(v) or not 0 <= v <= 3:
                 raise DataError(f"synthetic: option {opt!r} must be a number in [0, 3]; got {v!r}")
+        a = self.annotation_shift
+        if not _is_number(a) or not math.isfinite(a) or not 0 <= a <= 8:
+            raise DataError(
+                f"synthetic: option 'annotation_shift' must be a number of pixels in [0, 8]; got {a!r}"
+            )
         ef = self.empty_fraction
         if not _is_number(ef) or not math.isfinite(ef) or not 0 <= ef < 1:
             raise DataError(
@@ -830,7 +871,7 @@ class Synthetic(Dataset):
         return [f"site{k + 1}" for k in range(self.n_sites)]
 
     def _resolved(self) -> dict[str, Any]:
-        return {
+        out = {
             "generator": "pflbench.synthetic",
             "version": GENERATOR_VERSION,
             "flavour": self.flavour,
@@ -842,6 +883,17 @@ class Synthetic(Dataset):
             "empty_fraction": float(self.empty_fraction),
             "seed": int(self.seed),
         }
+        if self.annotation_shift:  # only when set: earlier cache keys stay as they were
+            out["annotation_shift"] = float(self.annotation_shift)
+        return out
+
+    def annotation_offsets(self) -> list[int]:
+        """Each site's annotation boundary offset in pixels (all 0 without annotation shift)."""
+        if not self.annotation_shift:
+            return [0] * self.n_sites
+        return annotation_offsets(
+            self.n_sites, float(self.annotation_shift), self._rng(_STREAM_ANNOTATION)
+        )
 
     def cache_key(self) -> str:
         """Content hash of the options that determine the data (``cache_dir`` excluded)."""
@@ -884,6 +936,7 @@ class Synthetic(Dataset):
 
     def _generate(self) -> list[dict[str, np.ndarray]]:
         label_designs, acqs = self.site_designs()
+        offsets = self.annotation_offsets()
         out = []
         for k, (count, ld, acq) in enumerate(zip(self._counts, label_designs, acqs, strict=True)):
             rng = self._rng(_STREAM_CONTENT, k)
@@ -897,6 +950,7 @@ class Synthetic(Dataset):
             else:
                 img, lab = _polyp(count, self.size, ld, rng)
             img = apply_acquisition(img, acq, self._rng(_STREAM_ACQ_NOISE, k))
+            lab = _annotate(lab, offsets[k])
             if self.flavour == "prostate":
                 s = self.slices_per_case
                 case_ids = [f"{name}_case{i // s:03d}" for i in range(count)]
@@ -969,7 +1023,10 @@ class Synthetic(Dataset):
                 **self._resolved(),
                 "sites": {
                     n: {"label": ld.to_dict(), "acquisition": acq.to_dict()}
-                    for n, ld, acq in zip(self.site_names, label_designs, acqs, strict=True)
+                    | ({"annotation_offset_px": off} if self.annotation_shift else {})
+                    for n, ld, acq, off in zip(
+                        self.site_names, label_designs, acqs, self.annotation_offsets(), strict=True
+                    )
                 },
                 "cache": str(path) if path is not None else None,
             },

@@ -260,6 +260,9 @@ def run(
     from pflbench.report.published import write as write_published
 
     write_published(suite.report, out_dir)  # the suite's published values, for the report
+    from pflbench.report.expectations import write as write_expectations
+
+    write_expectations(suite.expect, out_dir)  # the suite's claims, judged by the report
     n_runs = len(cells)
     t_start = time.perf_counter()
     skipped = 0
@@ -364,8 +367,30 @@ def _report(out_dir: Path) -> None:
     try:
         path = build_report(out_dir)
         console.print(f"report: {path}")
+        print_expectations(path)
     except Exception as exc:  # a report problem never loses the finished runs
         console.print(f"[yellow]report failed:[/] {type(exc).__name__}: {exc}")
+
+
+def print_expectations(report_dir: Path) -> Any:
+    """Print the report's expectations table (if the run has expectations); returns its rows."""
+    import pandas as pd
+
+    from pflbench.report import expectations as ex
+
+    path = Path(report_dir) / "tables" / ex.CSV
+    if not path.is_file():
+        return None
+    frame = pd.read_csv(path)
+    cells = ex.table(frame).cells
+    t = Table(title="Expectations (Holm over the expectations; see report.md for the procedure)")
+    t.add_column("claim")
+    for c in cells.columns:
+        t.add_column(str(c), justify="left" if c in ("Source", "Verdict") else "right")
+    for claim, row in cells.iterrows():
+        t.add_row(escape(str(claim)), *[escape(str(v)) for v in row])
+    out_console.print(t)
+    return frame
 
 
 @main.command()
@@ -561,6 +586,12 @@ def _init_options(cls: type) -> dict[str, str]:
     is_flag=True,
     help="Show each configuration of a method as its own row instead of refusing the folder.",
 )
+@click.option(
+    "--check-expectations",
+    is_flag=True,
+    help="Exit with status 1 when the results contradict one of the suite's expectations "
+    "(its `expect` section); status 2 when the run folder has none.",
+)
 def report(
     run_dir: Path,
     reference: str | None,
@@ -569,6 +600,7 @@ def report(
     out: Path | None,
     select: tuple[str, ...],
     split_configs: bool,
+    check_expectations: bool = False,
 ) -> None:
     """Statistics, LaTeX tables, figures, Markdown and HTML from a run folder's tidy results."""
     from pflbench.configs import ConfigError, parse_select
@@ -587,6 +619,18 @@ def report(
     except (ReportError, ConfigError) as exc:
         _fail(str(exc))
     out_console.print(f"report written to {path}")
+    frame = print_expectations(path)
+    if not check_expectations:
+        return
+    if frame is None:
+        _fail(f"{run_dir}: no expectations to check (the suite has no `expect` section)")
+    from pflbench.report.expectations import contradicted
+
+    bad = contradicted(frame)
+    for r in bad.itertuples():
+        console.print(f"[bold red]contradicted:[/] {escape(str(r.claim))}", highlight=False)
+    if len(bad):
+        sys.exit(1)
 
 
 @main.command()

@@ -392,6 +392,45 @@ class Published(_Strict):
     datasets: dict[str, PublishedDataset] = Field(min_length=1)
 
 
+#: better / worse: a difference beyond the margin in that direction; not_worse: non-inferiority
+#: within the margin; equivalent: the difference lies within ±margin.
+Relation = Literal["better", "worse", "not_worse", "equivalent"]
+
+
+class Expectation(_Strict):
+    """One claim a suite expects its results to show: ``method`` is ``relation`` to ``other``.
+
+    Judged by :mod:`pflbench.report.expectations` with the report's own procedure (blocks =
+    (dataset, site), mean over seeds; Wilcoxon signed-rank, Holm over all expectations; bootstrap
+    CI of Δ). ``margin`` is the practical margin in metric units: the threshold a better/worse
+    difference must exceed (default: the report's practical threshold, 0.01) and the equivalence
+    / non-inferiority margin, which must be given for those relations (it is part of the claim).
+    """
+
+    dataset: str = Field(min_length=1, description="a dataset key of the suite, or 'all'")
+    method: str = Field(min_length=1)
+    relation: Relation
+    other: str = Field(min_length=1, description="the method it is compared with")
+    metric: Literal["dice", "iou", "hd95", "assd"] = "dice"
+    margin: float | None = Field(None, gt=0)
+    #: Only these sites of the dataset are blocks (e.g. the tiny sites of a federation).
+    sites: list[str] | None = Field(None, min_length=1)
+    source: str = Field(min_length=1, description="where the claim comes from (paper, premise)")
+    #: The claim in words; by default made from the fields.
+    claim: str = ""
+
+    @model_validator(mode="after")
+    def _needs_margin(self) -> Expectation:
+        if self.relation in ("equivalent", "not_worse") and self.margin is None:
+            raise ValueError(
+                f"relation {self.relation!r} needs a margin > 0 (the practical margin in metric "
+                "units, e.g. margin: 0.02), since it is part of the claim"
+            )
+        if self.method == self.other:
+            raise ValueError(f"method and other are both {self.method!r}; compare two methods")
+        return self
+
+
 class Suite(_Strict):
     name: str
     description: str = ""
@@ -402,6 +441,8 @@ class Suite(_Strict):
     model: ModelSpec = Field(default_factory=ModelSpec)
     protocol: Protocol
     report: dict[str, Any] = Field(default_factory=dict)
+    #: Claims the results are expected to show, judged in the report (``--check-expectations``).
+    expect: list[Expectation] = Field(default_factory=list)
     tuning: Tuning | None = None
     workers: int | Literal["auto"] = Field(
         1,
@@ -529,6 +570,33 @@ def _published_problems(suite: Suite, source: str) -> list[str]:
     return problems
 
 
+def _unknown(kind: str, value: str, known: list[str]) -> str:
+    """ "'fedbm' is not a method of the suite; did you mean 'fedbn'? (methods: ...)" """
+    close = difflib.get_close_matches(value, known, n=2, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(map(repr, close))}?" if close else ""
+    return f"{value!r} is not a {kind} of the suite{hint} ({kind}s: {', '.join(known)})"
+
+
+def _expect_problems(suite: Suite, source: str) -> list[str]:
+    """Each expectation names the suite's own datasets (or 'all') and methods."""
+    datasets = [d.key for d in suite.datasets]
+    methods = [m.key for m in suite.methods]
+    problems = []
+    for i, e in enumerate(suite.expect):
+        where = f"{source}: expect[{i}]"
+        if e.dataset != "all" and e.dataset not in datasets:
+            problems.append(
+                f"{where}.dataset: " + _unknown("dataset", e.dataset, datasets + ["all"])
+            )
+        for key in ("method", "other"):
+            name = getattr(e, key)
+            if name not in methods:
+                problems.append(f"{where}.{key}: " + _unknown("method", name, methods))
+        if e.sites is not None and e.dataset == "all":
+            problems.append(f"{where}.sites: sites need one dataset, not 'all'")
+    return problems
+
+
 _VAR = re.compile(r"\$(\w+)|\$\{(\w+)\}")
 
 
@@ -622,7 +690,11 @@ def parse_suite(raw: Any, source: str) -> Suite:
         suite.out = expand_env(suite.out, f"{source}: out")
     for i, d in enumerate(suite.datasets):
         d.options = expand_env(d.options, f"{source}: datasets[{i}].options")
-    problems = _dataset_protocol_problems(suite, source) + _published_problems(suite, source)
+    problems = (
+        _dataset_protocol_problems(suite, source)
+        + _published_problems(suite, source)
+        + _expect_problems(suite, source)
+    )
     if problems:
         raise SuiteError("\n".join(problems))
     check_plugins(suite, source)
@@ -655,12 +727,35 @@ def check_plugins(suite: Suite, source: str) -> None:
         problem = _check_options(cls, d.options)
         if problem:
             problems.append(f"{source}: datasets[{i}].options: {problem}")
+            continue
+        problems += _expect_site_problems(suite, d, cls, source)
     try:
         registry("models").load(suite.model.name)
     except RegistryError as exc:
         problems.append(f"{source}: model: {exc}")
     if problems:
         raise SuiteError("\n".join(problems))
+
+
+def _expect_site_problems(suite: Suite, d: DatasetSpec, cls: type, source: str) -> list[str]:
+    """Expectation sites that the dataset does not have, where the plugin can name its sites
+    without reading data (``site_names``); otherwise the report checks them."""
+    wanted = [(i, e) for i, e in enumerate(suite.expect) if e.sites and e.dataset == d.key]
+    if not wanted:
+        return []
+    try:
+        known = list(getattr(cls(**d.options), "site_names", None) or [])
+    except Exception:  # noqa: BLE001 - a plugin that cannot tell: the report checks later
+        return []
+    if not known:
+        return []
+    return [
+        f"{source}: expect[{i}].sites: "
+        + _unknown("site", s, known).replace("of the suite", f"of {d.key}")
+        for i, e in wanted
+        for s in e.sites or []
+        if s not in known
+    ]
 
 
 def _check_options(cls: type, options: dict[str, Any]) -> str | None:

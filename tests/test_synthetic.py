@@ -463,3 +463,60 @@ def test_jpeg_like_quantisation_grows_as_quality_drops() -> None:
         assert out.shape == img.shape and out.min() >= 0 and out.max() <= 1
         errors.append(float(np.abs(out - img).mean()))
     assert errors[0] < 0.01 and errors[0] < errors[1] < errors[2]
+
+
+# --------------------------------------------------------------------------- annotation shift
+
+
+def _syn(**kw):
+    from pflbench.datasets.synthetic import Synthetic
+
+    base = dict(flavour="prostate", size=24, images_per_site=[4] * 6, slices_per_case=1, seed=3)
+    return Synthetic(**{**base, **kw})
+
+
+def test_annotation_shift_moves_only_the_boundaries_of_each_sites_labels():
+    from scipy.ndimage import binary_dilation, binary_erosion, generate_binary_structure
+
+    plain, shifted = _syn(), _syn(annotation_shift=2.0)
+    offsets = shifted.annotation_offsets()
+    assert max(offsets) > 0 > min(offsets) and max(map(abs, offsets)) <= 2
+    cross = generate_binary_structure(2, 1)[None]
+    a, b = plain.load(), shifted.load()
+    for sa, sb, off in zip(a.sites, b.sites, offsets, strict=True):
+        assert torch.equal(sa.images, sb.images)  # images untouched: a pure P(label | image) shift
+        lab = sa.labels.numpy() >= 1
+        if off > 0:
+            want = binary_dilation(lab, structure=cross, iterations=off)
+        elif off < 0:
+            want = binary_erosion(lab, structure=cross, iterations=-off)
+        else:
+            want = lab
+        np.testing.assert_array_equal(sb.labels.numpy(), want.astype(np.int64))
+
+
+def test_no_annotation_shift_leaves_data_and_cache_key_as_before():
+    a, b = _syn(), _syn(annotation_shift=0.0)
+    assert a.cache_key() == b.cache_key() and "annotation_shift" not in a._resolved()
+    assert a.load().fingerprint() == b.load().fingerprint()
+    assert _syn(annotation_shift=1.0).cache_key() != a.cache_key()
+
+
+def test_annotation_shift_keeps_nested_structures_nested():
+    from pflbench.datasets.synthetic import _annotate
+
+    lab = np.zeros((1, 9, 9), dtype=np.int64)
+    lab[0, 2:7, 2:7] = 1
+    lab[0, 4, 4] = 2  # a one-pixel cup inside the disc
+    grown = _annotate(lab, 1)
+    assert grown[0, 3:6, 4].tolist() == [2, 2, 2] and grown[0, 1, 4] == 1 and grown[0, 0, 4] == 0
+    shrunk = _annotate(lab, -1)
+    assert (shrunk == 2).sum() == 0 and (shrunk == 1).sum() == 9  # 5×5 disc → 3×3, cup gone
+    assert ((grown == 2) <= (grown >= 1)).all()
+
+
+def test_annotation_shift_out_of_range_is_refused():
+    from pflbench.data import DataError
+
+    with pytest.raises(DataError, match="'annotation_shift' must be a number of pixels in"):
+        _syn(annotation_shift=9)

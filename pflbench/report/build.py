@@ -19,7 +19,7 @@ import pandas as pd
 from pflbench import configs, stats
 from pflbench.results import diverged_runs
 
-from . import data, figures, html, latex, markdown, published, tables
+from . import data, expectations, figures, html, latex, markdown, published, tables
 from . import qualitative as rqual
 from .data import ReportError, Results
 
@@ -298,6 +298,26 @@ def _diverged_blocks(run_dir: Path) -> list[Block]:
     ]
 
 
+def _expectations(
+    run_dir: Path, res: Results, select: dict[str, str] | None, split_configs: bool
+) -> tuple[pd.DataFrame | None, tables.Table | None]:
+    """The run folder's expectations judged on its results (other metrics loaded alike)."""
+    try:
+        expect = expectations.read(run_dir)
+    except ValueError as exc:
+        raise ReportError(str(exc)) from None
+    if not expect:
+        return None, None
+
+    def results_for(metric: str) -> Results:
+        if metric == res.metric:
+            return res
+        return data.load(run_dir, metric, select=select, split_configs=split_configs)
+
+    frame = expectations.evaluate(expect, results_for)
+    return frame, expectations.table(frame, res.decimals)
+
+
 def build_report(
     run_dir: str | Path,
     out: str | Path | None = None,
@@ -360,9 +380,10 @@ def build_report(
     conf_t = tables.configurations_table(res)
     pub = published.read(run_dir)
     pub_tables = published.tables(res, pub) if pub is not None else []
+    exp_frame, exp_t = _expectations(run_dir, res, select, split_configs)
     all_tables = [
         t
-        for t in [main, *ds_tables, *st_tables, comp_t, pairs_t, perds_t, tvd_t, conf_t, *pub_tables]
+        for t in [main, exp_t, *ds_tables, *st_tables, comp_t, pairs_t, perds_t, tvd_t, conf_t, *pub_tables]
         if t is not None and not t.cells.empty
     ]  # fmt: skip
     tex_files = latex.write_tables(all_tables, out / "tables")
@@ -371,6 +392,10 @@ def build_report(
         latex.document(tex_files, "twocolumn"), encoding="utf-8"
     )
     matrix.reset_index().to_csv(out / "tables" / "blocks.csv", index=False)
+    if exp_frame is not None:
+        exp_frame.to_csv(out / "tables" / expectations.CSV, index=False)
+        for r in exp_frame[exp_frame["verdict"] == expectations.NOT_RUN].itertuples():
+            notes.append(f"Expectation not evaluated ({r.claim}): {r.reason}.")
     if overall is not None:
         overall.vs_reference.to_csv(out / "tables" / "comparison.csv", index=False)
         overall.pairs.to_csv(out / "tables" / "pairs.csv", index=False)
@@ -479,6 +504,8 @@ def build_report(
         Block("h2", "Main results"),
         Block("table", main),
     ]
+    if exp_t is not None:
+        doc += [Block("h2", "Expectations"), Block("table", exp_t)]
     doc.append(Block("h2", "Statistical comparison over all datasets"))
     if overall is None:
         doc.append(Block("p", "No comparison: fewer than two methods or no complete block."))
