@@ -20,7 +20,7 @@ from pflbench.partition import partition_sizes
 from pflbench.registry import get_method
 from pflbench.training import segmentation_loss
 
-FIDELITY_FIELDS = ("official_code", "shares", "personal", "evaluates", "extra_passes")
+FIDELITY_FIELDS = ("official_code", "shares", "personal", "evaluates", "newcomer", "extra_passes")
 
 # LG-FedAvg ---------------------------------------------------------------------------------------
 
