@@ -158,6 +158,7 @@ def test_every_builtin_method_declares_its_fidelity():
     assert len(methods) >= 14
     for name, cls in methods.items():
         assert "official_code" in vars(cls), f"{name} inherits its official_code"
+        assert "newcomer" in vars(cls), f"{name} does not declare what an unseen site gets"
         for field in FIDELITY_FIELDS:
             assert getattr(cls, field).strip(), f"{name}: empty {field}"
         assert isinstance(cls.deviations, tuple), name
