@@ -264,3 +264,61 @@ def test_leave_one_out_plans_one_cell_per_held_out_site_and_names_unknown_sites(
         plan(bad)
     with pytest.raises(SuiteError, match="few_shot_steps"):
         parse_suite(_suite({"unseen": "leave_one_out", "few_shot_steps": 0}), "u.yaml")
+
+
+def test_unseen_table_gap_is_in_federation_minus_newcomer_over_the_blocks():
+    from pflbench.report.data import Results
+    from pflbench.report.tables import unseen_table
+
+    idx = pd.MultiIndex.from_tuples([("d", f"s{i}") for i in range(4)], names=["dataset", "client"])
+    blocks = pd.DataFrame(
+        {
+            ("fedavg", "in_federation"): [0.8, 0.7, 0.9, 0.6],
+            ("fedavg", "zero_shot"): [0.5, 0.6, 0.4, 0.5],
+            ("fedavg", "few_shot"): [0.7, 0.7, 0.8, 0.6],
+        },
+        index=idx,
+    )
+    res = Results(pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), [])
+    table, tests = unseen_table(blocks, ["fedavg"], res, practical=0.01, n_resamples=0)
+    row = table.cells.loc["fedavg"]
+    assert row["In federation"] == "0.750" and row["Zero-shot"] == "0.500"
+    assert row["Gap (zero-shot)"].startswith("+0.250")  # mean of 0.3, 0.1, 0.5, 0.1
+    assert row["Gap (few-shot)"].startswith("+0.050")
+    assert len(tests) == 2 and bool(tests["too_few"].all())  # N = 4 blocks: descriptive only
+
+
+def test_sweep_cells_carry_the_held_out_set():
+    from pflbench.tuning import StudyRef
+
+    suite = parse_suite(_suite({"unseen": ["site1"]}), "u.yaml")
+    ref = StudyRef("r", "runs", suite.datasets[0], suite.methods[0], "fixed")
+    cells = ref.cells(suite)
+    assert [c["held_out"] for c in cells] == [["site1"], ["site1"]]
+    assert all(c["cell"].endswith("/out_site1") for c in cells) and ref.total(suite) == 2
+    plain = parse_suite({k: v for k, v in _suite({}).items() if k != "evaluation"}, "u.yaml")
+    assert (
+        "held_out"
+        not in StudyRef("r", "runs", plain.datasets[0], plain.methods[0], "fixed").cells(plain)[0]
+    )
+
+
+def test_a_worker_sweep_runs_the_same_held_out_cells_as_the_plain_runner(tmp_path):
+    from pflbench.results import iter_runs
+    from pflbench.runner import DataCache
+    from pflbench.storage import open_storage, resolve_storage
+    from pflbench.worker import Worker
+
+    raw = _suite({"unseen": "leave_one_out", "regimes": ["zero_shot"]})
+    raw.update(methods=["fedavg"], seeds=[0])
+    raw["protocol"].update(threads=1, device="cpu", surface_metrics=False)
+    suite = parse_suite(raw, "u.yaml")
+    out = tmp_path / "out"
+    storage = open_storage(resolve_storage(None, out))
+    done = Worker(suite, out, storage, index=0, threads=1).run()
+    assert done.trials == 3
+    cache = DataCache()
+    want = {c.key(cache.get(c.dataset)[2]) for c in plan(suite, cache)}
+    runs = {m["run_key"]: m for _, m in iter_runs(out)}
+    assert set(runs) == want
+    assert sorted(m["held_out"] for m in runs.values()) == [["site1"], ["site2"], ["site3"]]
