@@ -69,7 +69,10 @@ class FedRDN(Method):
     """
 
     name = "fedrdn"
-    newcomer = "the global model w on inputs normalized by the new site's own channel statistics (from its unlabelled train images)"
+    newcomer = (
+        "the global model w on inputs normalized by the new site's own channel statistics (from "
+        "its unlabelled train images)"
+    )
     paper = "Yan et al., arXiv:2306.09363"
     official_code = "IAMJackYan/FedRDN (fedavg_with_preprocess.py)"
     personal = "nothing (the statistics bank is received once at setup)"

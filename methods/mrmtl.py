@@ -45,7 +45,10 @@ class MRMTL(Method):
     """
 
     name = "mrmtl"
-    newcomer = "the mean v̄ of the personal models' parameters (the broadcast anchor); BN statistics recomputed on the new site's unlabelled train images"
+    newcomer = (
+        "the mean v̄ of the personal models' parameters (the broadcast anchor); BN statistics "
+        "recomputed on the new site's unlabelled train images"
+    )
     paper = "Liu et al., NeurIPS 2022, arXiv:2206.07902"
     official_code = "kenziyuliu/private-cross-silo-fl (trainers/mrmtl.py)"
     shares = "vᵢ's parameters up; their mean v̄ down (an anchor only, never merged)"
