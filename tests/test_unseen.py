@@ -322,3 +322,23 @@ def test_a_worker_sweep_runs_the_same_held_out_cells_as_the_plain_runner(tmp_pat
     runs = {m["run_key"]: m for _, m in iter_runs(out)}
     assert set(runs) == want
     assert sorted(m["held_out"] for m in runs.values()) == [["site1"], ["site2"], ["site3"]]
+
+
+def test_older_result_folders_without_unseen_columns_still_load(tmp_path):
+    from pflbench.results import RunRecords, load_results, write_run
+
+    def records(key: str, cases: pd.DataFrame, **manifest) -> RunRecords:
+        empty = pd.DataFrame()
+        base = {"run_key": key, "dataset": "d", "method": "fedavg", "label": "fixed", "seed": 0}
+        return RunRecords(empty, empty, cases, {**base, **manifest})
+
+    row = {"selection": "best", "round": 1, "client": "a", "split": "test", "case_id": "c",
+           "structure": "s", "dice": 0.5, "iou": 0.3, "hd95": 1.0, "assd": 1.0}  # fmt: skip
+    write_run(tmp_path, "old", records("old", pd.DataFrame([row])))
+    new = pd.DataFrame([row, {**row, "split": "unseen", "client": "b", "regime": "zero_shot"}])
+    write_run(tmp_path, "new", records("new", new, held_out=["b"]))
+    cases = load_results(tmp_path, "cases")
+    old = cases[cases["run_key"] == "old"]
+    assert old["regime"].isna().all() and old["held_out"].isna().all()
+    unseen = cases[cases["split"] == "unseen"]
+    assert unseen[["client", "regime", "held_out"]].values.tolist() == [["b", "zero_shot", "b"]]
