@@ -125,3 +125,45 @@ def step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, where: str) -> fl
 
 def cloned_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def recompute_norm_statistics(
+    model: nn.Module,
+    images: torch.Tensor,
+    batch: int,
+    device: torch.device,
+    modules: Iterable[str] | None = None,
+) -> int:
+    """Replace the running statistics of the BatchNorm layers named in ``modules`` (default:
+    all) by those of ``images`` (unlabelled): reset,
+    then one forward pass in train mode with ``momentum=None`` (PyTorch's cumulative average, so
+    the result is the plain mean over batches, independent of their order's weighting), no
+    gradient. Everything but the running statistics is left as it was. Returns the images seen.
+
+    Used by the newcomer hooks of FedBN / SiloBN: a site that joins after training has no
+    statistics of its own, and its unlabelled images are all they need.
+    """
+    chosen = None if modules is None else set(modules)
+    bns = [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and (chosen is None or name in chosen)
+    ]
+    was_training = model.training
+    model.eval()
+    saved = []
+    for m in bns:
+        if m.track_running_stats:
+            saved.append((m, m.momentum))
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+    try:
+        for i in range(0, len(images), batch):
+            model(images[i : i + batch].to(device))
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.train(was_training)
+    return len(images)

@@ -61,6 +61,7 @@ class APFL(Method):
     """
 
     name = "apfl"
+    newcomer = "the global model w (no αᵢ or v for a site that never trained one)"
     paper = "Deng et al., arXiv:2003.13461"
     official_code = "MLOPTPSU/FedTorch (alpha_update); PFLlib clientapfl"
     shares = "w, the client's copy of the global model (FedAvg, BN statistics included)"

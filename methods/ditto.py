@@ -41,6 +41,7 @@ class Ditto(Method):
     """
 
     name = "ditto"
+    newcomer = "the global model w (no personal model vᵢ for a site that never trained one)"
     paper = "Li et al., ICML 2021, arXiv:2012.04221"
     official_code = "litian96/ditto; PFLlib clientditto; FL-MedSegBench"
     shares = "the global model w (FedAvg, BN statistics included)"

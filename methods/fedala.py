@@ -61,6 +61,10 @@ class FedALA(Method):
     """
 
     name = "fedala"
+    newcomer = (
+        "global parameters; BN statistics (never sent) recomputed on the new site's unlabelled "
+        "train images; no ALA blend (it needs labels)"
+    )
     paper = "Zhang et al., AAAI 2023, arXiv:2212.01197"
     official_code = "TsingZ0/FedALA (ALA.py); PFLlib clientala"
     shares = "parameters (weights, biases, BN γ/β); never buffers"

@@ -143,6 +143,10 @@ class FedAP(Method):
     """
 
     name = "fedap"
+    newcomer = (
+        "the uniform average of the final per-client messages; BN layers: initial γ/β, statistics"
+        " recomputed on the new site's unlabelled train images"
+    )
     paper = "Lu et al., IEEE TBD 2022, arXiv:2112.00734"
     official_code = "microsoft/PersonalizedFL (alg/fedap.py, alg/core/comm.py)"
     shares = "every non-BN entry; after the warm-up client i receives Σⱼ Wᵢⱼθⱼ"

@@ -81,6 +81,10 @@ class FedAS(Method):
     """
 
     name = "fedas"
+    newcomer = (
+        "the global body + the initial head (the head never leaves the clients); BN statistics "
+        "recomputed on the new site's unlabelled images"
+    )
     paper = "Yang, Huang, Ye, CVPR 2024"
     official_code = "xiyuanyang45/FedAS (clientas.py, serveras.py)"
     shares = "body parameters, averaged with weights ∝ the clients' Fisher traces"

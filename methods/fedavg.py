@@ -19,5 +19,6 @@ class FedAvg(Method):
     """
 
     name = "fedavg"
+    newcomer = "the final global model, bit for bit"
     paper = "McMahan et al., AISTATS 2017, arXiv:1602.05629"
     official_code = "no official code released; PFLlib serveravg"

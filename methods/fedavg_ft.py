@@ -28,6 +28,7 @@ class FedAvgFT(Method):
     """
 
     name = "fedavg-ft"
+    newcomer = "the final global model; few-shot is its fine-tuning, with the suite's K steps"
     paper = "fine-tuning baseline (cf. arXiv:2108.07313) over FedAvg, arXiv:1602.05629"
     official_code = "no official code (a baseline); FedAvg as `fedavg`"
     personal = "nothing (the fine-tuned copy is rebuilt at each evaluation)"

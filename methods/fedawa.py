@@ -57,6 +57,7 @@ class FedAWA(Method):
     """
 
     name = "fedawa"
+    newcomer = "the final global model (the server's weighted average)"
     paper = "Shi et al., CVPR 2025, arXiv:2503.15842"
     official_code = "ChanglongShi/FedAWA (server_funct.fedawa, Server_update)"
     shares = "every floating-point entry (as FedAvg), averaged with server-learned weights"

@@ -44,6 +44,10 @@ class FedBABU(Method):
     """
 
     name = "fedbabu"
+    newcomer = (
+        "the global body + the shared initial head (FedBABU's frozen head); few-shot is its fine-"
+        "tuning"
+    )
     paper = "Oh et al., ICLR 2022, arXiv:2106.06042"
     official_code = "jhoon-oh/FedBABU (main_fed.py, --aggr_part body); PFLlib clientbabu"
     shares = "the body (all but the head); the frozen head is never sent"

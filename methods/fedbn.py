@@ -25,8 +25,8 @@ class FedBN(Method):
     is kept local — a choice this implementation makes and states. A model without any norm layer
     (e.g. ``unet`` with ``norm: none``) is refused with a PartitionError instead of silently
     running FedAvg; the refusal happens in ``setup``, before any training. Evaluated model: each
-    client's own model (shared entries + its own norm layers); there is no global model for an
-    unseen site. No extra local passes; optimizer state reset every round.
+    client's own model (shared entries + its own norm layers). An unseen site gets the shared
+    entries with BN statistics recomputed on its unlabelled images (:meth:`Method.newcomer_model`). No extra local passes; optimizer state reset every round.
     """
 
     name = "fedbn"
@@ -35,6 +35,10 @@ class FedBN(Method):
     shares = "every entry outside normalization layers"
     personal = "normalization layers (affine parameters and running statistics), selected by type"
     evaluates = "the client's model (shared entries + own norm layers)"
+    newcomer = (
+        "shared entries + initial norm affine parameters, BN statistics recomputed on the new "
+        "site's unlabelled train images (option: the clients' norm layers averaged)"
+    )
     deviations: ClassVar[tuple[str, ...]] = (
         "on InstanceNorm or GroupNorm models their affine parameters stay local (the paper covers BatchNorm only)",
     )

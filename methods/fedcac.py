@@ -107,6 +107,10 @@ class FedCAC(Method):
     """
 
     name = "fedcac"
+    newcomer = (
+        "the uniform average of the final per-client messages (≈ the global mean of every "
+        "parameter); BN statistics (not sent) recomputed on the new site's unlabelled train images"
+    )
     paper = "Wu et al., ICCV 2023, arXiv:2309.11103"
     official_code = "FLAIR-Community/Fling (fedcac_client.py, fedcac_group.py)"
     shares = "parameters; non-critical entries averaged over all clients (n-weighted)"

@@ -61,6 +61,7 @@ class FedDyn(Method):
     """
 
     name = "feddyn"
+    newcomer = "the broadcast server model θᵗ = average − h/α"
     paper = "Acar et al., ICLR 2021, arXiv:2111.04263"
     official_code = (
         "alpemreacar/FedDyn (utils_methods.train_FedDyn, utils_general.train_feddyn_mdl)"

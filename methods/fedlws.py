@@ -69,6 +69,7 @@ class FedLWS(Method):
     """
 
     name = "fedlws"
+    newcomer = "the final (layer-shrunk) global model"
     paper = "Shi et al., ICLR 2025, arXiv:2503.15111"
     official_code = "ChanglongShi/FedLWS (server_funct.fedlws)"
     shares = "every floating-point entry (as FedAvg); the server shrinks each parameter layer of the average"

@@ -63,6 +63,7 @@ class FedNova(Method):
     """
 
     name = "fednova"
+    newcomer = "the final global model"
     paper = "Wang et al., NeurIPS 2020, arXiv:2007.07481"
     official_code = "JYWa/FedNova (distoptim/FedNova.py)"
     shares = "every floating-point entry (as FedAvg) plus ‖aᵢ‖₁; parameters are averaged by normalized updates"

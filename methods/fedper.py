@@ -44,6 +44,10 @@ class FedPer(Method):
     """
 
     name = "fedper"
+    newcomer = (
+        "the global body + the initial head (the head never leaves the clients; option: the "
+        "clients' heads averaged)"
+    )
     paper = "Arivazhagan et al., arXiv:1912.00818"
     official_code = "no official code released; PFLlib clientper"
     shares = "the body (all but the head)"

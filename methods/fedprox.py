@@ -26,6 +26,7 @@ class FedProx(Method):
     """
 
     name = "fedprox"
+    newcomer = "the final global model (as FedAvg)"
     paper = "Li et al., MLSys 2020, arXiv:1812.06127"
     official_code = "litian96/FedProx; PFLlib clientprox"
     deviations: ClassVar[tuple[str, ...]] = (

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pflbench.client import Client
-from pflbench.method import Method
+from pflbench.method import Method, ServerView
 
 OWN = "fedrdn/own"  # this client's (mean, std) per channel
 BANK = "fedrdn/bank"  # every client's (mean, std), received once at setup
@@ -68,6 +68,10 @@ class FedRDN(Method):
     """
 
     name = "fedrdn"
+    newcomer = (
+        "the global model w on inputs normalized by the new site's own channel statistics (from "
+        "its unlabelled train images)"
+    )
     paper = "Yan et al., arXiv:2306.09363"
     official_code = "IAMJackYan/FedRDN (fedavg_with_preprocess.py)"
     personal = "nothing (the statistics bank is received once at setup)"
@@ -110,3 +114,9 @@ class FedRDN(Method):
     def eval_model(self, client: Client) -> nn.Module:
         own = client.state[OWN]
         return Normalized(client.model, own["mean"], own["std"])
+
+    def newcomer_model(self, view: ServerView, site: Client) -> nn.Module:
+        """The global model on inputs normalized by the new site's own statistics, taken from its
+        unlabelled train images as every client's are at setup."""
+        own = channel_statistics(site.train_data.images, site.id)
+        return Normalized(super().newcomer_model(view, site), own["mean"], own["std"])

@@ -43,6 +43,10 @@ class FedRep(Method):
     """
 
     name = "fedrep"
+    newcomer = (
+        "the global body + the initial head (the head never leaves the clients; option: the "
+        "clients' heads averaged)"
+    )
     paper = "Collins et al., ICML 2021, arXiv:2102.07078"
     official_code = "lgcollins/FedRep; PFLlib clientrep"
     shares = "the body (all but the head)"

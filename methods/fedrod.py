@@ -89,6 +89,7 @@ class FedRoD(Method):
     """
 
     name = "fedrod"
+    newcomer = "the generic model: body + generic head, no personal head"
     paper = "Chen & Chao, ICLR 2022, arXiv:2107.00778"
     official_code = "hongyouc/Fed-RoD; PFLlib clientrod; FL-MedSegBench (plain-loss generic head)"
     shares = "body + generic head (and their BN statistics)"

@@ -143,6 +143,10 @@ class FedSM(Method):
     """
 
     name = "fedsm"
+    newcomer = (
+        "the global model w (no personalized pⱼ and no selector routing for a site the selector "
+        "never saw)"
+    )
     paper = "Xu et al., CVPR 2022, arXiv:2203.10144"
     official_code = "NVIDIA/NVFlare research/fed-sm (learner, aggregator, test script)"
     shares = "w (FedAvg), pᵢ up / SoftPull pᵢ down, the selector and its Adam moments (FedAvg)"

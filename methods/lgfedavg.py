@@ -43,6 +43,11 @@ class LGFedAvg(Method):
     """
 
     name = "lgfedavg"
+    newcomer = (
+        "the shared top + the initial local part (it never leaves the clients); BN statistics of "
+        "the local part recomputed on the new site's unlabelled images (option: the clients' "
+        "local parts averaged)"
+    )
     paper = "Liang et al., arXiv:2001.01523"
     official_code = "pliang279/LG-FedAvg (main_lg.py); PFLlib clientlg/serverlg"
     shares = "`local: encoder`: decoder + head (and their BN statistics); `body`: the head only"

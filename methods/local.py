@@ -19,6 +19,10 @@ class Local(Method):
     """
 
     name = "local"
+    newcomer = (
+        "the initial model with BN statistics taken on the new site's unlabelled train images "
+        "(nothing is ever communicated); few-shot trains it from scratch for K steps"
+    )
     paper = "no paper: the non-federated reference point"
     official_code = "none (reference point)"
     shares = "nothing; no bytes"

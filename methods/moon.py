@@ -108,6 +108,7 @@ class MOON(Method):
     """
 
     name = "moon"
+    newcomer = "the final global model"
     paper = "Li, He, Song, CVPR 2021, arXiv:2103.16257"
     official_code = "QinbinLi/MOON (main.py train_net_fedcon)"
     personal = "the client's previous local model (a negative for the contrastive loss, never sent)"

@@ -6,6 +6,7 @@ from typing import ClassVar
 
 from torch import nn
 
+from pflbench.aggregation import merge_into
 from pflbench.client import Client
 from pflbench.messages import Message
 from pflbench.method import Method
@@ -44,6 +45,10 @@ class MRMTL(Method):
     """
 
     name = "mrmtl"
+    newcomer = (
+        "the mean v̄ of the personal models' parameters (the broadcast anchor); BN statistics "
+        "recomputed on the new site's unlabelled train images"
+    )
     paper = "Liu et al., NeurIPS 2022, arXiv:2206.07902"
     official_code = "kenziyuliu/private-cross-silo-fl (trainers/mrmtl.py)"
     shares = "vᵢ's parameters up; their mean v̄ down (an anchor only, never merged)"
@@ -72,3 +77,7 @@ class MRMTL(Method):
     def local_update(self, client: Client) -> None:
         anchor = client.state.get(MEAN) or param_snapshot(client.model)
         client.fit(extra_loss=proximal_term(anchor, self.lam))
+
+    def _merge_newcomer(self, state: dict, msg: Message, model: nn.Module) -> None:
+        """A newcomer has no vᵢ: it takes the anchor v̄ itself (every parameter it carries)."""
+        merge_into(state, msg, {k: True for k in msg.entries})

@@ -61,6 +61,7 @@ class PN(Method):
     )
     personal = "nothing"
     evaluates = "the global model w (with PN layers)"
+    newcomer = "the final global model (PN layers included: no statistics to recompute)"
     deviations: ClassVar[tuple[str, ...]] = (
         "the official layer's running_mean/running_var buffers are omitted: it updates them in "
         "training but never uses them, so they only cost bytes when averaged",

@@ -143,8 +143,8 @@ class ResFIM(Method):
     compare). Bytes: the bank once (float32 amplitudes), then every shared tensor whole plus its
     mask at one bit per element; a tensor a client shares (keeps) whole is sent (not sent)
     without a mask, which carries the same information. Evaluated model: the client's
-    personalized model (there is no global model for an unseen site). Optimizer state is reset
-    every round. Extra work: K × ``fisher_samples`` Fisher samples per client and mask round,
+    personalized model (an unseen site gets the element-wise broadcast: see ``newcomer``).
+    Optimizer state is reset every round. Extra work: K × ``fisher_samples`` Fisher samples per client and mask round,
     recorded under "fisher". ``style_augment: p`` swaps each training image into a random
     other client's style with probability p, inside the suite's budget.
 
@@ -156,6 +156,12 @@ class ResFIM(Method):
     """
 
     name = "resfim"
+    newcomer = (
+        "the element-wise broadcast (each element averaged over the clients sharing it), the "
+        "initial value where no client shares it; BN statistics not sent (bn_stats: local) "
+        "recomputed on the new site's unlabelled images (option: the clients' personal entries "
+        "averaged)"
+    )
     paper = "Zhu, Li, Wang, Lam, ISBI 2026, arXiv:2603.14848"
     official_code = "none public: everything beyond the abstract follows reference/resfim.md"
     shares = "element-wise: the entries outside each client's top-ρ residual-Fisher mask"

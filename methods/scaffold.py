@@ -63,6 +63,7 @@ class Scaffold(Method):
     """
 
     name = "scaffold"
+    newcomer = "the final server model x (no control variate is needed to predict)"
     paper = "Karimireddy et al., ICML 2020, arXiv:1910.06378"
     official_code = "none released by the authors; read against PFLlib clientscaffold/serverscaffold and NIID-Bench (Li et al.)"
     shares = "every floating-point entry (as FedAvg) plus the control-variate update Δcᵢ; the server sends x and c"

@@ -42,6 +42,10 @@ class SiloBN(Method):
     shares = "everything except BN running statistics (γ/β shared)"
     personal = "BN running statistics"
     evaluates = "the client's model (shared weights, own statistics)"
+    newcomer = (
+        "shared weights and γ/β, BN statistics recomputed on the new site's unlabelled train "
+        "images (option: the clients' statistics averaged)"
+    )
 
     def partition(self, model: nn.Module) -> Partition:
         return local_partition(

@@ -247,3 +247,28 @@ class Client:
         if state is not None:
             m.load_state_dict(state)
         return m
+
+
+class UnlabelledClient(Client):
+    """A site seen without its labels (the zero-shot newcomer): ``train_data`` carries the real
+    images and all-zero labels, and any supervised pass is refused, so a hook that asked for
+    labels gets nothing of the site's annotations."""
+
+    __slots__ = ()
+
+    def __init__(self, cid: str, model: nn.Module, train: SiteData, *args: Any, **kw: Any) -> None:
+        blank = SiteData(
+            name=train.name,
+            images=train.images,
+            labels=torch.zeros_like(train.labels),
+            case_ids=list(train.case_ids),
+            slice_index=list(train.slice_index),
+            spacing=train.spacing,
+        )
+        super().__init__(cid, model, {}, blank, *args, **kw)
+
+    def batches(self, *args: Any, **kw: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise PermissionError(
+            f"site {self.id!r} is a zero-shot newcomer: it has no labels to train on "
+            "(use its unlabelled images, client.train_data.images, or the few_shot regime)"
+        )

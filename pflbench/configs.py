@@ -64,6 +64,9 @@ def config_fields(manifest: Mapping[str, Any]) -> dict[str, Any]:
         "mode": manifest.get("mode", "final"),
         "version": (manifest.get("versions") or {}).get("pflbench"),
     }
+    unseen = manifest.get("unseen")
+    if unseen:  # the federations of one leave-one-out design are one configuration
+        sem["unseen"] = {k: v for k, v in unseen.items() if k != "held_out"}
     return flatten(sem)
 
 

@@ -51,8 +51,8 @@ def fidelity_table() -> str:
     evaluates, its extra passes and every declared deviation (from the classes' declarations)."""
     rows = [
         "| method | paper | official code read | shared | personal | evaluated model "
-        "| extra passes | declared deviations |",
-        "|---|---|---|---|---|---|---|---|",
+        "| unseen site gets | extra passes | declared deviations |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, cls in builtin_methods().items():
         deviations = getattr(cls, "deviations", ())
@@ -64,6 +64,7 @@ def fidelity_table() -> str:
             getattr(cls, "shares", ""),
             getattr(cls, "personal", ""),
             getattr(cls, "evaluates", ""),
+            getattr(cls, "newcomer", ""),
             getattr(cls, "extra_passes", ""),
             dev,
         ]

@@ -8,10 +8,12 @@ hooks and uploads in its server hooks.
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import resource
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,15 +23,16 @@ import torch
 from torch import nn
 
 from pflbench import metrics, qualitative
-from pflbench.client import Budget, Client, LocalWork, _seed
+from pflbench.aggregation import masked_average
+from pflbench.client import Budget, Client, LocalWork, UnlabelledClient, _seed
 from pflbench.data import FederatedData, SiteData
 from pflbench.federation import ClientSplits, Mode, build_clients
 from pflbench.messages import Message, Upload, payload_bytes
-from pflbench.method import Method
+from pflbench.method import Method, ServerView
 from pflbench.partition import partition_sizes
 from pflbench.registry import get_method, get_model
 from pflbench.state import MemoryStore, StateStore, StoredUploads, make_store
-from pflbench.suite import MethodSpec, ModelSpec, Protocol
+from pflbench.suite import Evaluation, MethodSpec, ModelSpec, Protocol
 from pflbench.training import Diverged
 
 EvalCallback = Callable[[int, float], None]
@@ -119,8 +122,11 @@ class Federation:
         on_eval: EvalCallback | None = None,
         on_round: RoundCallback | None = None,
         store: StateStore | None = None,
+        held_out: Sequence[str] = (),
+        evaluation: Evaluation | None = None,
     ) -> None:
-        self.data = data
+        data, newcomers = _hold_out(data, held_out)
+        self.data = data  # the federation's sites only: a held-out site never reaches a hook
         self.protocol = protocol
         self.method = method
         self.mode = mode
@@ -129,12 +135,17 @@ class Federation:
         self.on_round = on_round
         self.device = resolve_device(protocol.device)
         self.clients: list[ClientSplits] = build_clients(data, splits, mode)
+        self.newcomers: list[ClientSplits] = build_clients(newcomers, splits, mode)
+        self.evaluation = evaluation or Evaluation()
+        #: the federation's last broadcast, per client id (what a newcomer may be given)
+        self.final_messages: dict[str, Message] = {}
         self.ids = [c.name for c in self.clients]
         self.by_id = {c.name: c for c in self.clients}
         seeded = build_model(model_spec, data, _seed(seed, "init"))
         self.model = method.adapt_model(seeded).to(self.device)
         if protocol.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        self.initial = _state_copy(self.model)
         self.client_seed = _seed(seed, "client")
         self.sampling = np.random.default_rng(_seed(seed, "sampling"))
         self.store = store or make_store(protocol.store)
@@ -162,6 +173,8 @@ class Federation:
         self.error = ""
         self.rounds_done = 0
         self.qualitative: list[qualitative.Case] = []
+        self.newcomer_bytes_up = 0
+        self.newcomer_errors: list[str] = []
 
     # client records --------------------------------------------------------------------------
     def _open(self, cid: str, round: int) -> Client:
@@ -250,6 +263,7 @@ class Federation:
             StoredUploads(self.store, stored) if on_disk else uploads, r
         )
         targets = {cid: messages for cid in self.ids} if isinstance(messages, Message) else messages
+        self.final_messages = dict(targets)
         for cid, msg in targets.items():
             client = self._open(cid, r)
             with self._numerics():  # FedALA and others train or score here
@@ -375,6 +389,80 @@ class Federation:
                 )
             )
 
+    # sites that did not take part -----------------------------------------------------------
+    def _personal_average(self) -> Message | None:
+        """The clients' personal entries (the complement of each one's partition, element-wise
+        where it is a mask), uploaded once after the last round and averaged by the server
+        (``newcomer_personal: average``); their bytes are ``newcomer_bytes_up``."""
+        if not self.method.communicates:
+            return None
+        uploads: dict[str, Upload] = {}
+        for cid in self.ids:
+            client = self._open(cid, self.rounds_done)
+            state = self.model.state_dict()
+            entries, masks = {}, {}
+            for k, m in self.method.fresh().client_partition(client).items():
+                if not state[k].is_floating_point():
+                    continue
+                if isinstance(m, torch.Tensor):
+                    if bool((~m).any()):
+                        entries[k], masks[k] = state[k].detach().clone(), ~m
+                elif not m:
+                    entries[k] = state[k].detach().clone()
+            if entries:
+                uploads[cid] = Upload(entries=entries, masks=masks, weight=client.weight)
+                self.newcomer_bytes_up += payload_bytes(uploads[cid])
+        return masked_average(uploads) if uploads else None
+
+    def _newcomer_client(self, site: ClientSplits, labelled: bool) -> Client:
+        """A view of a held-out site: its own train split (no labels in zero-shot), a copy of the
+        architecture at the initial weights, and the run's budget."""
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(self.initial)
+        cls = Client if labelled else UnlabelledClient
+        args = (site.name, model, {}, site.train) if labelled else (site.name, model, site.train)
+        return cls(
+            *args,
+            self.work,
+            round=self.rounds_done + 1,
+            seed=_seed(self.seed, "newcomer"),
+            device=self.device,
+            budget=self.budget,
+        )
+
+    def _unseen_cases(self) -> pd.DataFrame:
+        """Each held-out site's test split scored with the method's newcomer model, per regime:
+        split ``unseen``, client = the held-out site, selection ``last`` (a newcomer gets the
+        final messages; there is no validation history of its own to select on)."""
+        t0 = time.perf_counter()
+        ev = self.evaluation
+        personal = self._personal_average() if ev.newcomer_personal == "average" else None
+        view = ServerView(initial=self.initial, messages=self.final_messages, personal=personal)
+        frames = []
+        for site in self.newcomers:
+            zero = self.method.fresh().newcomer_model(view, self._newcomer_client(site, False))
+            models = {"zero_shot": zero}
+            if "few_shot" in ev.regimes:
+                client = self._newcomer_client(site, True)
+                try:
+                    models["few_shot"] = self.method.fresh().newcomer_adapt(
+                        client, copy.deepcopy(zero), ev.few_shot_steps
+                    )
+                except Diverged as exc:
+                    self.newcomer_errors.append(f"{site.name} few_shot: {exc}")
+            for regime in ev.regimes:
+                if regime not in models:
+                    continue
+                df = self._score(models[regime], site.test, self.protocol.surface_metrics)
+                df.insert(0, "split", "unseen")
+                df.insert(0, "client", site.name)
+                df.insert(0, "round", self.rounds_done)
+                df.insert(0, "selection", "last")
+                df["regime"] = regime
+                frames.append(df)
+        self.timings["unseen_s"] = time.perf_counter() - t0
+        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
     def _client_partition_sizes(self) -> dict[str, dict[str, int]]:
         """Shared and personal entries of each client's own partition at the end (element masks
         included), next to the method's base partition in the manifest."""
@@ -417,6 +505,8 @@ class Federation:
                 ):
                     self._evaluate(self.rounds_done)
                 cases = self._final_cases()
+                if self.newcomers and self.mode == "final":
+                    cases = pd.concat([cases, self._unseen_cases()], ignore_index=True)
             client_sizes = self._client_partition_sizes()
         finally:
             self.store.close()
@@ -437,6 +527,10 @@ class Federation:
             "selected_rounds": {cid: r for cid, (_, r) in self.best.items()},
             "peak_memory_mb": peak_memory_mb(self.device),
         }
+        if self.newcomers:
+            info["held_out"] = [c.name for c in self.newcomers]
+            info["newcomer_bytes_up"] = self.newcomer_bytes_up
+            info["newcomer_errors"] = self.newcomer_errors
         comm = pd.DataFrame(
             self.comm_rows, columns=["round", "client", "bytes_up", "bytes_down", "sampled"]
         )
@@ -448,6 +542,21 @@ class Federation:
         return RunOutput(
             rounds=rounds, comm=comm, cases=cases, info=info, qualitative=self.qualitative
         )
+
+
+def _hold_out(data: FederatedData, held_out: Sequence[str]) -> tuple[FederatedData, FederatedData]:
+    """The federation's data without the held-out sites, and the held-out sites alone; an
+    unknown site is an error naming the dataset's sites."""
+    unknown = [s for s in held_out if s not in data.site_names]
+    if unknown:
+        raise ValueError(
+            f"held-out sites {unknown} are not sites of dataset {data.name!r} ({data.site_names})"
+        )
+    keep = [s for s in data.sites if s.name not in held_out]
+    if held_out and not keep:
+        raise ValueError(f"dataset {data.name!r}: holding out {list(held_out)} leaves no site")
+    out = [s for s in data.sites if s.name in held_out]
+    return dataclasses.replace(data, sites=keep), dataclasses.replace(data, sites=out)
 
 
 def peak_memory_mb(device: torch.device | None = None) -> float:

@@ -19,11 +19,15 @@ Hooks (side, default):
     aggregate(uploads, round) server  weighted average of each shared element over its sharers,
                                       broadcast to every client (or one message per client)
     eval_model(client)        client  the client's model
+    newcomer_model(view, site) new site  the final broadcast over the initial model (FedAvg: the
+                                      global model); sees a :class:`ServerView` and the new site
+    newcomer_adapt(site, m, K) new site  K labelled steps of the suite's optimizer (few_shot)
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -34,6 +38,52 @@ from pflbench.client import Client
 from pflbench.messages import Message, Upload
 from pflbench.params import Param, resolve_params
 from pflbench.partition import Partition, floating_entries
+
+
+@dataclass(frozen=True)
+class ServerView:
+    """All a hospital joining after the federation has ended can be given, and nothing more.
+
+    ``initial`` is the seeded initial model (public: every client started from it, free of
+    bytes). ``messages`` are the federation's final broadcast, one per federated client id (the
+    same object for every id when the server broadcast one message; empty when the method never
+    communicates). ``personal`` is present only when the suite asks for
+    ``evaluation.newcomer_personal: average``: the clients' personal entries, uploaded once after
+    the last round and averaged by the server (those bytes are recorded in the manifest as
+    ``newcomer_bytes_up``). No client model, no server state and no other site's data.
+    """
+
+    initial: dict[str, torch.Tensor]
+    messages: Mapping[str, Message] = field(default_factory=dict)
+    personal: Message | None = None
+
+    def broadcast(self) -> Message | None:
+        """The final message a newcomer receives: the broadcast itself when every client got the
+        same one, else the uniform element-wise average of the per-client messages (the server
+        knows nothing of the newcomer, so no client's message is preferred); None without any."""
+        msgs = list(self.messages.values())
+        if not msgs:
+            return None
+        if all(m is msgs[0] for m in msgs):
+            return msgs[0]
+        return masked_average(
+            {
+                str(i): Upload(entries=m.entries, masks=m.masks, weight=1.0)
+                for i, m in enumerate(msgs)
+            }
+        )
+
+
+def missing_statistics(model: nn.Module, received: set[str]) -> list[str]:
+    """Module names of the BatchNorm layers whose running statistics a newcomer did not receive
+    whole (they would stay at their initial mean 0 / variance 1)."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            prefix = f"{name}." if name else ""
+            if not {f"{prefix}running_mean", f"{prefix}running_var"} <= received:
+                out.append(name)
+    return out
 
 
 class Method:
@@ -62,6 +112,10 @@ class Method:
     evaluates: ClassVar[str] = "the global model w"
     #: Passes over local data beyond the suite's budget (their budget labels).
     extra_passes: ClassVar[str] = "none"
+    #: The model a site that did not take part gets (``evaluation.unseen``), zero-shot.
+    newcomer: ClassVar[str] = (
+        "the final broadcast over the initial model (FedAvg: the final global model)"
+    )
     #: Every deliberate departure from the paper or its official code, one sentence each.
     deviations: ClassVar[tuple[str, ...]] = ()
 
@@ -161,3 +215,50 @@ class Method:
     # evaluation ------------------------------------------------------------------------------
     def eval_model(self, client: Client) -> nn.Module:
         return client.model
+
+    # a site that did not take part -------------------------------------------------------------
+    def newcomer_model(self, view: ServerView, site: Client) -> nn.Module:
+        """The zero-shot model of a new site: its declared answer from the federation's final
+        messages (``view``) and, where the method says so, the site's unlabelled train images
+        (``site.train_data.images``; in zero-shot the engine gives it no labels).
+
+        Default, one rule for every method that keeps it: the initial model with the final
+        broadcast merged into the entries the method shares (:meth:`ServerView.broadcast`), the
+        averaged personal entries over it when ``view.personal`` is present, and the running
+        statistics of every BatchNorm that neither carries recomputed on the site's unlabelled
+        train images (:func:`~pflbench.methods._common.recompute_norm_statistics`, counted as
+        ``newcomer_bn``). For FedAvg nothing is recomputed: the final global model bit for bit.
+        """
+        from pflbench.methods._common import recompute_norm_statistics
+
+        model = site.new_model(view.initial)
+        received: set[str] = set()
+        with torch.no_grad():
+            state = model.state_dict()
+            msg = view.broadcast()
+            if msg is not None:
+                self._merge_newcomer(state, msg, model)
+                received |= {k for k in msg.entries if k not in msg.masks}
+            if view.personal is not None:
+                merge_into(state, view.personal, {k: True for k in view.personal.entries})
+                received |= {k for k in view.personal.entries if k not in view.personal.masks}
+        missing = missing_statistics(model, received)
+        if missing:
+            n = recompute_norm_statistics(
+                model, site.train_data.images, site.work.batch_size, site.device, missing
+            )
+            site.count("newcomer_bn", n)
+        return model
+
+    def _merge_newcomer(
+        self, state: dict[str, torch.Tensor], msg: Message, model: nn.Module
+    ) -> None:
+        """Where the broadcast goes in a newcomer's model: the method's shared entries."""
+        merge_into(state, msg, self.partition(model))
+
+    def newcomer_adapt(self, site: Client, model: nn.Module, steps: int) -> nn.Module:
+        """Few-shot: ``steps`` labelled steps of the suite's optimizer and loss on the new site's
+        train split, every parameter trainable, counted in the budget as ``few_shot``. The same
+        K for every method (the engine passes the suite's ``few_shot_steps``)."""
+        site.fit(model, steps=steps, label="few_shot")
+        return model

@@ -356,6 +356,8 @@ def load_results(out: str | Path, table: str = "cases", diverged: bool = False) 
         df = read_table(d, table, manifest)
         for col in reversed(RUN_COLUMNS):
             df.insert(0, col, manifest.get(col))
+        if manifest.get("held_out"):  # unseen-site runs (issue 19); older folders have none
+            df["held_out"] = "+".join(manifest["held_out"])
         frames.append(df)
     if not frames:
         return pd.DataFrame(columns=list(RUN_COLUMNS))

@@ -39,7 +39,7 @@ from pflbench.results import (
     write_alias,
     write_run,
 )
-from pflbench.suite import DatasetSpec, MethodSpec, ModelSpec, Protocol, Suite
+from pflbench.suite import DatasetSpec, Evaluation, MethodSpec, ModelSpec, Protocol, Suite
 
 #: Dataset options that say where things are on this machine, not what the data is.
 LOCAL_OPTIONS = frozenset({"cache_dir", "cache", "root", "image_path", "mask_path"})
@@ -57,6 +57,22 @@ class RunSpec:
     label: Literal["fixed", "tuned", "default"] = "fixed"
     mode: Literal["final", "tune"] = "final"
     extra: dict[str, Any] = field(default_factory=dict, hash=False, compare=False)
+    #: Sites kept out of the federation and scored as newcomers (``evaluation.unseen``).
+    held_out: tuple[str, ...] = ()
+    evaluation: Evaluation | None = None
+
+    def unseen_dict(self) -> dict[str, Any] | None:
+        """What the unseen evaluation adds to the run key (None without held-out sites, so the
+        keys of every other run stay what they were)."""
+        if not self.held_out:
+            return None
+        ev = self.evaluation or Evaluation()
+        return {
+            "held_out": list(self.held_out),
+            "regimes": list(ev.regimes),
+            "few_shot_steps": ev.few_shot_steps,
+            "newcomer_personal": ev.newcomer_personal,
+        }
 
     def semantic(self, data_fingerprint: str) -> dict[str, Any]:
         cls = get_method(self.method.name)
@@ -75,6 +91,7 @@ class RunSpec:
             "model": self.model.model_dump(mode="json"),
             "mode": self.mode,
             "version": __version__,
+            **({"unseen": unseen} if (unseen := self.unseen_dict()) else {}),
             # a plugin from another distribution: its name and version (a shadowing plugin
             # never shares a run key with the built-in it shadows)
             **({"plugins": plugins} if (plugins := self.foreign_plugins()) else {}),
@@ -96,20 +113,39 @@ class RunSpec:
     def key(self, data_fingerprint: str) -> str:
         blob = json.dumps(self.semantic(data_fingerprint), sort_keys=True, default=str)
         digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
-        slug = f"{self.dataset.key}-{self.method.key}-s{self.seed}".replace("/", "_").replace(
-            ":", "_"
-        )
+        slug = f"{self.dataset.key}-{self.method.key}-s{self.seed}"
+        if self.held_out:
+            slug += "-out_" + "+".join(self.held_out)
+        slug = slug.replace("/", "_").replace(":", "_")
         return f"{slug}-{digest}"
 
 
-def plan(suite: Suite) -> list[RunSpec]:
-    """Every (dataset, method, seed) cell of a suite, in a stable order."""
-    return [
-        RunSpec(dataset=d, method=m, seed=s, protocol=suite.protocol_for(d), model=suite.model)
-        for d in suite.datasets
-        for m in suite.methods
-        for s in suite.seeds
-    ]
+def plan(suite: Suite, cache: DataCache | None = None) -> list[RunSpec]:
+    """Every (dataset, method, seed) cell of a suite, in a stable order; with
+    ``evaluation.unseen`` every cell once per held-out set (leave_one_out: per site), which
+    needs the datasets' site names (loaded through ``cache``)."""
+    ev = suite.evaluation
+    cells = []
+    for d in suite.datasets:
+        held: list[tuple[str, ...]] = [()]
+        if ev.unseen is not None:
+            cache = cache or DataCache()
+            held = ev.held_out_sets(cache.get(d)[0].site_names, d.key)
+        for m in suite.methods:
+            for s in suite.seeds:
+                for h in held:
+                    cells.append(
+                        RunSpec(
+                            dataset=d,
+                            method=m,
+                            seed=s,
+                            protocol=suite.protocol_for(d),
+                            model=suite.model,
+                            held_out=h,
+                            evaluation=ev if h else None,
+                        )
+                    )
+    return cells
 
 
 def planned_runs(suite: Suite, out: str | Path, cache: DataCache | None = None) -> pd.DataFrame:
@@ -117,7 +153,7 @@ def planned_runs(suite: Suite, out: str | Path, cache: DataCache | None = None) 
     is DONE (for ``--dry-run``). Run keys hash the data, so every dataset is loaded once."""
     cache = cache or DataCache()
     rows = []
-    for spec in plan(suite):
+    for spec in plan(suite, cache):
         key = spec.key(cache.get(spec.dataset)[2])
         rows.append(
             {
@@ -309,6 +345,8 @@ def _train(
         mode=spec.mode,
         on_eval=on_eval,
         on_round=on_round,
+        held_out=spec.held_out,
+        evaluation=spec.evaluation,
     )
     result = fed.run()
     semantic = spec.semantic(fingerprint)
@@ -324,6 +362,7 @@ def _train(
         "protocol": spec.protocol.model_dump(mode="json"),
         "model": spec.model.model_dump(mode="json"),
         "mode": spec.mode,
+        **({"unseen": unseen} if (unseen := spec.unseen_dict()) else {}),
         "data_fingerprint": fingerprint,
         "plugins": spec.plugins(),
         "sites": data.site_names,
@@ -382,7 +421,7 @@ def run_suite(
     ``on_run_error`` (raised when there is none) and the sweep goes on with the next cell."""
     clean_leftovers(out)  # temporary folders of writers that crashed
     cache = DataCache()
-    cells = plan(suite)
+    cells = plan(suite, cache)
     keys: list[str | None] = [None] * len(cells)
     later: list[int] = []
     for wait in (False, True):

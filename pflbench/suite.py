@@ -431,6 +431,69 @@ class Expectation(_Strict):
         return self
 
 
+Regime = Literal["zero_shot", "few_shot"]
+
+
+class Evaluation(_Strict):
+    """``evaluation``: sites held out of the federation and scored as newcomers.
+
+    ``unseen: leave_one_out`` runs one federation per site without it; a list of site names runs
+    one federation without all of them. Each held-out site's test split is scored with the
+    method's newcomer model (:meth:`pflbench.method.Method.newcomer_model`) in each ``regime``:
+    ``zero_shot`` (no labels; unlabelled images only where the method says so) and ``few_shot``
+    (``few_shot_steps`` labelled steps on the site's train split, the same K for every method).
+    ``newcomer_personal: average`` gives every method the clients' personal entries, uploaded
+    once after the last round and averaged, instead of its own declared rule (``method``).
+    """
+
+    unseen: Literal["leave_one_out"] | list[str] | None = None
+    regimes: list[Regime] = Field(default_factory=lambda: ["zero_shot", "few_shot"], min_length=1)
+    few_shot_steps: int = Field(5, ge=1, description="labelled local steps of few_shot (K)")
+    newcomer_personal: Literal["method", "average"] = "method"
+
+    @field_validator("unseen")
+    @classmethod
+    def _sites(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("name at least one site, or use leave_one_out")
+            if len(set(v)) != len(v):
+                raise ValueError(f"sites appear more than once: {v}")
+        return v
+
+    @field_validator("regimes")
+    @classmethod
+    def _distinct_regimes(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"regimes appear more than once: {v}")
+        return v
+
+    def held_out_sets(self, sites: Sequence[str], dataset: str) -> list[tuple[str, ...]]:
+        """The held-out sets of one dataset (empty: no unseen evaluation); an unknown site name
+        is an error naming the dataset and its sites."""
+        if self.unseen is None:
+            return []
+        if self.unseen == "leave_one_out":
+            if len(sites) < 2:
+                raise SuiteError(
+                    f"evaluation.unseen: leave_one_out needs at least two sites; dataset "
+                    f"{dataset!r} has {list(sites)}"
+                )
+            return [(s,) for s in sites]
+        unknown = [s for s in self.unseen if s not in sites]
+        if unknown:
+            raise SuiteError(
+                f"evaluation.unseen: {unknown} are not sites of dataset {dataset!r} "
+                f"(its sites: {list(sites)})"
+            )
+        if len(self.unseen) >= len(sites):
+            raise SuiteError(
+                f"evaluation.unseen: holding out {self.unseen} leaves no site of dataset "
+                f"{dataset!r} to train the federation"
+            )
+        return [tuple(self.unseen)]
+
+
 class Suite(_Strict):
     name: str
     description: str = ""
@@ -444,6 +507,7 @@ class Suite(_Strict):
     #: Claims the results are expected to show, judged in the report (``--check-expectations``).
     expect: list[Expectation] = Field(default_factory=list)
     tuning: Tuning | None = None
+    evaluation: Evaluation = Field(default_factory=Evaluation)
     workers: int | Literal["auto"] = Field(
         1,
         description="worker processes `pflbench run` starts when --workers is not given; auto: "

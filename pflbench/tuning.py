@@ -234,25 +234,29 @@ class StudyRef:
     label: Label | None = None
 
     def cells(self, suite: Suite) -> list[dict[str, Any]]:
-        """The enqueued trials of a runs study (its user attributes), one per reporting seed."""
+        """The enqueued trials of a runs study (its user attributes), one per reporting seed
+        (and per held-out set of ``evaluation.unseen``, named in the cell only when set)."""
         if self.kind != "runs":
             return []
         return [
             {
-                "cell": f"{self.dataset.key}/{self.method.key}/{self.label}/s{seed}",
+                "cell": f"{self.dataset.key}/{self.method.key}/{self.label}/s{seed}"
+                + (f"/out_{'+'.join(held)}" if held else ""),
                 "dataset": self.dataset.key,
                 "method": self.method.key,
                 "label": self.label,
                 "seed": seed,
+                **({"held_out": list(held)} if held else {}),
             }
             for seed in suite.seeds
+            for held in held_out_sets(suite, self.dataset)
         ]
 
     def total(self, suite: Suite) -> int:
         if self.kind == "tune":
             assert suite.tuning is not None
             return suite.tuning.trials
-        return len(suite.seeds)
+        return len(suite.seeds) * len(held_out_sets(suite, self.dataset))
 
     def fingerprint(self, suite: Suite) -> str:
         """Hash of what the study's trials mean; a changed suite must not reuse old trials."""
@@ -269,6 +273,8 @@ class StudyRef:
             blob["tuning"] = suite.tuning.model_dump(mode="json")
         if self.kind == "runs":
             blob["seeds"] = suite.seeds
+            if suite.evaluation.unseen is not None:  # absent otherwise: old studies stay valid
+                blob["evaluation"] = suite.evaluation.model_dump(mode="json")
         text = json.dumps(blob, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -530,8 +536,25 @@ def final_config(
     return dict(best.params), best.number
 
 
+_SITE_CACHE = DataCache()
+
+
+def held_out_sets(suite: Suite, dataset: DatasetSpec) -> list[tuple[str, ...]]:
+    """The held-out sets of a dataset's runs (``[()]``: the whole federation, no unseen sites);
+    the dataset is loaded once per process for its site names only when the suite asks."""
+    if suite.evaluation.unseen is None:
+        return [()]
+    sites = _SITE_CACHE.get(dataset)[0].site_names
+    return suite.evaluation.held_out_sets(sites, dataset.key)
+
+
 def final_spec(
-    suite: Suite, ref: StudyRef, seed: int, config: dict[str, Any], threads: int | None = None
+    suite: Suite,
+    ref: StudyRef,
+    seed: int,
+    config: dict[str, Any],
+    threads: int | None = None,
+    held_out: tuple[str, ...] = (),
 ) -> RunSpec:
     """The reporting run of one cell of a runs study."""
     space = search_space(suite.tuning, ref.method) if suite.tuning is not None else {}
@@ -555,6 +578,8 @@ def final_spec(
         label=ref.label,
         mode="final",
         extra=extra,
+        held_out=held_out,
+        evaluation=suite.evaluation if held_out else None,
     )
 
 

@@ -357,7 +357,8 @@ class Worker:
         with Heartbeat(self.storage, tid, self.log):
             try:
                 config, best = final_config(self.suite, ref, tune_trials)
-                spec = final_spec(self.suite, ref, seed, config, self.threads)
+                held = tuple(frozen.user_attrs.get("held_out") or ())
+                spec = final_spec(self.suite, ref, seed, config, self.threads, held)
                 spec.extra.update({"study": ref.name, "trial": number, "worker": self.identity})
                 if best is not None:
                     spec.extra["tuning_trial"] = best

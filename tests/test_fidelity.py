@@ -20,7 +20,7 @@ from pflbench.partition import partition_sizes
 from pflbench.registry import get_method
 from pflbench.training import segmentation_loss
 
-FIDELITY_FIELDS = ("official_code", "shares", "personal", "evaluates", "extra_passes")
+FIDELITY_FIELDS = ("official_code", "shares", "personal", "evaluates", "newcomer", "extra_passes")
 
 # LG-FedAvg ---------------------------------------------------------------------------------------
 
@@ -158,6 +158,7 @@ def test_every_builtin_method_declares_its_fidelity():
     assert len(methods) >= 14
     for name, cls in methods.items():
         assert "official_code" in vars(cls), f"{name} inherits its official_code"
+        assert "newcomer" in vars(cls), f"{name} does not declare what an unseen site gets"
         for field in FIDELITY_FIELDS:
             assert getattr(cls, field).strip(), f"{name}: empty {field}"
         assert isinstance(cls.deviations, tuple), name

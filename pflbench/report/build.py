@@ -378,12 +378,17 @@ def build_report(
     perds_t = tables.per_dataset_table(per_dataset, res, reference)
     tvd_t = tables.tuned_default_table(res, practical)
     conf_t = tables.configurations_table(res)
+    ublocks = data.unseen_blocks(res)
+    unseen_t, unseen_tests = tables.unseen_table(ublocks, methods, res, practical)
     pub = published.read(run_dir)
     pub_tables = published.tables(res, pub) if pub is not None else []
     exp_frame, exp_t = _expectations(run_dir, res, select, split_configs)
     all_tables = [
         t
-        for t in [main, exp_t, *ds_tables, *st_tables, comp_t, pairs_t, perds_t, tvd_t, conf_t, *pub_tables]
+        for t in [
+            main, exp_t, *ds_tables, *st_tables, comp_t, pairs_t, perds_t, unseen_t, tvd_t,
+            conf_t, *pub_tables,
+        ]
         if t is not None and not t.cells.empty
     ]  # fmt: skip
     tex_files = latex.write_tables(all_tables, out / "tables")
@@ -399,6 +404,11 @@ def build_report(
     if overall is not None:
         overall.vs_reference.to_csv(out / "tables" / "comparison.csv", index=False)
         overall.pairs.to_csv(out / "tables" / "pairs.csv", index=False)
+    if unseen_t is not None:
+        flat = ublocks.copy()
+        flat.columns = [f"{m} · {c}" for m, c in flat.columns]
+        flat.reset_index().to_csv(out / "tables" / "unseen_blocks.csv", index=False)
+        unseen_tests.to_csv(out / "tables" / "unseen_tests.csv", index=False)
 
     # ------------------------------------------------------------------ figures
     st = figures.styles(methods, reference)
@@ -476,6 +486,21 @@ def build_report(
         lambda w: figures.fairness_figure(fdf, methods, st, res.metric_label, hib, w),
     )
 
+    if unseen_t is not None:
+        ucols = [
+            data.IN_FEDERATION,
+            *(r for r in data.REGIMES if r in set(ublocks.columns.get_level_values(1))),
+        ]
+        draw(
+            "unseen",
+            "unseen_sites",
+            f"Held-out sites: test {res.metric_label} in the federation (selected checkpoint), "
+            "as a zero-shot newcomer and after the few-shot steps; one faint point per block "
+            "(dataset, held-out site, mean over seeds), the line joins the means over blocks."
+            + emphasis,
+            lambda w: figures.unseen_figure(ublocks, methods, st, ucols, res.metric_label, w),
+        )
+
     missing_qual = _qualitative_figures(res, run_dir, reference, macro, draw)
 
     # ------------------------------------------------------------------ document
@@ -531,6 +556,10 @@ def build_report(
                 doc.append(Block("ul", _verdict_items(comp, dec)))
     if not perds_t.cells.empty:
         doc += [Block("h3", "Tests within each dataset"), Block("table", perds_t)]
+    if unseen_t is not None:
+        doc += [Block("h2", "Unseen sites"), Block("table", unseen_t)]
+        if "unseen" in figs:
+            doc.append(Block("figure", figs["unseen"]))
     if pub_tables:
         doc.append(Block("h2", "Published values beside ours"))
         for t in pub_tables:

@@ -218,7 +218,10 @@ def _check_every_method_scored(res: Results) -> None:
 
 
 def client_scores(
-    cases: pd.DataFrame, metric: str, notes: list[str] | None = None
+    cases: pd.DataFrame,
+    metric: str,
+    notes: list[str] | None = None,
+    rows: pd.DataFrame | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Client score per (dataset, method, label, seed, client): headline and per structure.
 
@@ -227,8 +230,9 @@ def client_scores(
     never dropped: an empty prediction has the declared failure value
     (:func:`pflbench.metrics.failure_distance`), and a NaN HD95/ASSD (not computed, or results
     from before the failure value existed) is an error rather than a silently shorter mean.
+    ``rows`` replaces the selected checkpoint's test cases (the unseen-site rows use it).
     """
-    c = _test_cases(cases)
+    c = _test_cases(cases) if rows is None else _real_structures(rows.copy())
     v = pd.to_numeric(c[metric], errors="coerce").astype(float)
     bad = int((~np.isfinite(v)).sum())
     if bad and metric in SURFACE:
@@ -261,7 +265,12 @@ def client_scores(
 
 def _test_cases(cases: pd.DataFrame) -> pd.DataFrame:
     """Test cases of the selected checkpoint, one row per real structure."""
-    c = cases[(cases["selection"] == "best") & (cases["split"] == "test")].copy()
+    return _real_structures(
+        cases[(cases["selection"] == "best") & (cases["split"] == "test")].copy()
+    )
+
+
+def _real_structures(c: pd.DataFrame) -> pd.DataFrame:
     structs = set(c["structure"].unique())
     if "mean" in structs and len(structs) > 1:  # never average a precomputed mean twice
         c = c[c["structure"] != "mean"]
@@ -317,6 +326,38 @@ def block_matrix(
     m = m[~incomplete]
     m.columns.name = None
     return m
+
+
+#: The columns of the unseen-site comparison: in-federation, then each regime.
+IN_FEDERATION = "in_federation"
+REGIMES = ("zero_shot", "few_shot")
+
+
+def unseen_blocks(res: Results) -> pd.DataFrame:
+    """Blocks (dataset, held-out site) × (method, column) of the unseen-site design, mean over
+    seeds: the site's test score while in the federation (:attr:`Results.client_scores`, the
+    selected checkpoint, averaged over the federations that contained it) and as a newcomer in
+    each regime (split ``unseen``, scored as client scores are). Empty without unseen rows."""
+    c = res.cases
+    if "regime" not in c.columns or not (c["split"] == "unseen").any():
+        return pd.DataFrame()
+    frames = [res.headline().assign(column=IN_FEDERATION)]
+    unseen = c[c["split"] == "unseen"]
+    for regime in REGIMES:
+        rows = unseen[unseen["regime"] == regime]
+        if rows.empty:
+            continue
+        scores, _ = client_scores(c, res.metric, rows=rows)
+        frames.append(res.headline(scores).assign(column=regime))
+    long = pd.concat(frames, ignore_index=True)
+    held = set(zip(unseen["dataset"], unseen["client"].astype(str), strict=True))
+    long = long[[(d, str(s)) in held for d, s in zip(long["dataset"], long["client"], strict=True)]]
+    out = (
+        long.groupby(["dataset", "client", "method", "column"])["value"]
+        .mean()
+        .unstack(["method", "column"])
+    )
+    return out.sort_index(axis=1)
 
 
 def convergence(res: Results) -> tuple[pd.DataFrame, str]:

@@ -423,3 +423,37 @@ def qualitative_figure(sel, width: float = FULL_IN) -> Figure | None:
         fig.legend(handles=handles, loc="outside lower center", ncol=len(handles),
                    fontsize=fs, frameon=False)  # fmt: skip
     return fig
+
+
+def unseen_figure(
+    blocks: pd.DataFrame,
+    methods: list[str],
+    st: dict[str, dict],
+    columns: list[str],
+    metric_label: str,
+    width: float = FULL_IN,
+) -> Figure | None:
+    """In-federation → zero-shot → few-shot test score of the held-out sites: per method the
+    mean over blocks (dataset, held-out site) joined by a line, each block a faint point."""
+    shown = [m for m in methods if any((m, c) in blocks.columns for c in columns)]
+    if blocks.empty or not shown:
+        return None
+    fig = new_figure(width, 2.6 if width >= 5 else 2.3)
+    ax = fig.subplots()
+    x = np.arange(len(columns))
+    offsets = np.linspace(-0.15, 0.15, len(shown)) if len(shown) > 1 else np.zeros(1)
+    for off, m in zip(offsets, shown, strict=True):
+        s = st[m]
+        vals = [blocks[(m, c)] if (m, c) in blocks.columns else None for c in columns]
+        means = [float(v.mean()) if v is not None else np.nan for v in vals]
+        for j, v in enumerate(vals):
+            if v is not None:
+                ax.scatter(np.full(len(v), x[j] + off), v, s=6, color=s["color"], alpha=0.3,
+                           marker=s["marker"], lw=0)  # fmt: skip
+        ax.plot(x + off, means, color=s["color"], marker=s["marker"], ls=s["ls"], lw=s["lw"],
+                markersize=4, zorder=s["zorder"])  # fmt: skip
+    ax.set_xticks(x, [c.replace("_", " ") for c in columns])
+    ax.set_ylabel(f"test {metric_label}")
+    _small(ax)
+    _legend(fig, shown, st)
+    return fig

@@ -15,6 +15,7 @@ import pandas as pd
 
 from pflbench import stats
 
+from . import data
 from .data import Results, client_aggregates, seed_summary
 
 UP, DOWN = "up", "down"
@@ -688,3 +689,74 @@ def configurations_table(res: Results) -> Table | None:
         index_name="Dataset / method / label",
         widths={"Hyperparameters": "4.2cm", "Search space": "5.2cm"},
     )  # fmt: skip
+
+
+def unseen_table(
+    blocks: pd.DataFrame,
+    methods: list[str],
+    res: Results,
+    practical: float,
+    seed: int = 0,
+    n_resamples: int = 9999,
+) -> tuple[Table | None, pd.DataFrame]:
+    """In-federation against unseen-site test score per method (issue 19), with the gap.
+
+    Blocks are (dataset, held-out site), each the mean over seeds (:func:`data.unseen_blocks`);
+    each gap is in-federation − newcomer over the blocks where both exist, tested with the same
+    paired comparison as every other table (:func:`stats.compare`: Wilcoxon signed-rank, Holm
+    over all the table's gaps as one family, bootstrap 95 % CI). Returns the table (None without
+    unseen rows) and the tests.
+    """
+    if blocks.empty:
+        return None, pd.DataFrame()
+    dec = res.decimals
+    present = set(blocks.columns)
+    regimes = [r for r in data.REGIMES if any((m, r) in present for m in methods)]
+    pairs, cols = [], {}
+    for m in methods:
+        for r in regimes:
+            if (m, data.IN_FEDERATION) in present and (m, r) in present:
+                a, b = f"{m} · {data.IN_FEDERATION}", f"{m} · {r}"
+                cols[a], cols[b] = blocks[(m, data.IN_FEDERATION)], blocks[(m, r)]
+                pairs.append((a, b))
+    if not pairs:
+        return None, pd.DataFrame()
+    matrix = pd.DataFrame(cols).dropna()
+    tests = stats.compare(
+        matrix,
+        pairs,
+        higher_is_better=res.higher_is_better,
+        practical=practical,
+        n_resamples=n_resamples,
+        seed=seed,
+    )
+    rows = {}
+    for m in methods:
+        if (m, data.IN_FEDERATION) not in present:
+            continue
+        row = {"In federation": fmt_num(float(matrix[f"{m} · {data.IN_FEDERATION}"].mean()), dec)}
+        for r in regimes:
+            t = tests[(tests["a"] == f"{m} · {data.IN_FEDERATION}") & (tests["b"] == f"{m} · {r}")]
+            name = r.replace("_", "-").capitalize()
+            if t.empty:
+                row[name], row[f"Gap ({name.lower()})"] = "–", "–"
+                continue
+            t = t.iloc[0]
+            row[name] = fmt_num(float(t["mean_b"]), dec)
+            row[f"Gap ({name.lower()})"] = (
+                f"{fmt_ci(t['delta'], t['ci_low'], t['ci_high'], dec)} {short_verdict(t['verdict'])}"
+            )
+        rows[m] = row
+    cells = pd.DataFrame.from_dict(rows, orient="index")
+    caption = (
+        f"Unseen sites: test {res.metric_label} ({direction(res.higher_is_better)}) of each "
+        f"held-out site while in the federation (selected checkpoint, mean over the federations "
+        f"that contained it) and as a newcomer (the method's declared model from the final "
+        f"broadcast; few-shot: K labelled steps on the site's train split). N = {len(matrix)} "
+        "blocks (dataset, held-out site), each the mean over seeds. Gap = in federation − "
+        "newcomer with its bootstrap 95 % CI; two-sided Wilcoxon signed-rank, Holm over all gaps "
+        "of the table. " + VERDICT_NOTE
+    )
+    table = Table(name="unseen", title="In-federation vs unseen sites", cells=cells,
+                  caption=caption)  # fmt: skip
+    return table, tests

@@ -1,0 +1,344 @@
+"""Unseen sites (issue 19): what a site that did not take part gets, and that it stays out.
+
+Each test checks a defining property: FedAvg's newcomer is the final global model bit for bit;
+FedBN's zero-shot statistics come from the new site's images only and never from its labels;
+few-shot spends exactly K steps on the new site's train split; a held-out site's data never
+reach the federation; the held-out set enters the run key only when it is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pandas as pd
+import pytest
+import torch
+from conftest import TINY_MODEL, fast_protocol, tiny_federation
+
+import pflbench.client as client_module
+from pflbench.data import FederatedData, make_splits
+from pflbench.engine import Federation
+from pflbench.method import Method
+from pflbench.registry import get_method
+from pflbench.runner import RunSpec, plan
+from pflbench.suite import DatasetSpec, Evaluation, MethodSpec, SuiteError, parse_suite
+
+HELD = "site2"
+
+
+def _recording(base: str) -> type[Method]:
+    """``base`` that keeps its last broadcast, its newcomer models and the sites its client hooks
+    saw, in class-level attributes (test only; one class per test)."""
+    parent = get_method(base)
+
+    class Recording(parent):  # type: ignore[misc, valid-type]
+        broadcasts: list = []
+        newcomers: dict = {}
+        seen: set = set()
+        final: dict = {}
+
+        def local_update(self, client):
+            type(self).seen.add((client.id, client.train_data.name))
+            super().local_update(client)
+
+        def aggregate(self, uploads, round):
+            msg = super().aggregate(uploads, round)
+            type(self).broadcasts.append(msg)
+            return msg
+
+        def eval_model(self, client):
+            model = super().eval_model(client)
+            type(self).final[client.id] = {k: v.clone() for k, v in model.state_dict().items()}
+            return model
+
+        def newcomer_model(self, view, site):
+            model = super().newcomer_model(view, site)
+            type(self).newcomers[site.id] = {k: v.clone() for k, v in model.state_dict().items()}
+            return model
+
+    Recording.name = parent.name
+    return Recording
+
+
+def _run(data: FederatedData, method: Method, held=(HELD,), splits=None, **ev):
+    fed = Federation(
+        data,
+        splits or make_splits(data),
+        method,
+        TINY_MODEL,
+        fast_protocol(rounds=2, local_epochs=1),
+        0,
+        held_out=held,
+        evaluation=Evaluation(unseen=list(held), **ev) if held else None,
+    )
+    return fed, fed.run()
+
+
+def test_fedavg_newcomer_is_the_final_global_model_bit_for_bit():
+    cls = _recording("fedavg")
+    _, out = _run(tiny_federation(), cls(), regimes=["zero_shot"])
+    final = cls.broadcasts[-1]
+    got = cls.newcomers[HELD]
+    assert set(final.entries) == {k for k, v in got.items() if v.is_floating_point()}
+    for k, v in final.entries.items():
+        assert torch.equal(got[k], v), k
+    # ... which is every federated client's final model (FedAvg: all equal the global one)
+    for cid in ("site0", "site1"):
+        for k in final.entries:
+            assert torch.equal(cls.final[cid][k], got[k]), (cid, k)
+    assert "newcomer_bn" not in out.info["budget"]  # nothing was recomputed
+    rows = out.cases[out.cases["split"] == "unseen"]
+    assert set(rows["client"]) == {HELD} and set(rows["regime"]) == {"zero_shot"}
+
+
+def _with_site(data: FederatedData, name: str, **change) -> FederatedData:
+    sites = [dataclasses.replace(s, **change) if s.name == name else s for s in data.sites]
+    return dataclasses.replace(data, sites=sites)
+
+
+def test_fedbn_zero_shot_statistics_come_from_the_new_sites_images_only():
+    data = tiny_federation()
+    splits = make_splits(data)
+    cls = _recording("fedbn")
+    fed, out = _run(data, cls(), splits=splits, regimes=["zero_shot"])
+    got = cls.newcomers[HELD]
+    # shared entries: the broadcast; BN affine parameters: the initial ones (never sent)
+    final = cls.broadcasts[-1]
+    for k, v in final.entries.items():
+        assert torch.equal(got[k], v), k
+    first_bn = next(n for n, m in fed.model.named_modules() if isinstance(m, torch.nn.BatchNorm2d))
+    assert torch.equal(got[f"{first_bn}.weight"], fed.initial[f"{first_bn}.weight"])
+    # by hand: the first BN's running mean is the mean over batches of its input's channel means
+    model = fed.model
+    model.load_state_dict(got)
+    model.eval()
+    inputs = []
+    hook = model.get_submodule(first_bn).register_forward_hook(
+        lambda m, i, o: inputs.append(i[0].detach())
+    )
+    images = fed.newcomers[0].train.images
+    with torch.no_grad():
+        for i in range(0, len(images), 4):
+            model(images[i : i + 4])
+    hook.remove()
+    expected = torch.stack([x.mean((0, 2, 3)) for x in inputs]).mean(0)
+    assert torch.allclose(got[f"{first_bn}.running_mean"], expected, atol=1e-6)
+    assert out.info["budget"]["newcomer_bn"] == len(images)
+    # the new site's other images change them; its train labels (poisoned) change nothing
+    train = splits[HELD]["train"]
+    site = next(s for s in data.sites if s.name == HELD)
+    poisoned = site.labels.clone()
+    idx = [i for i, c in enumerate(site.case_ids) if c in set(train)]
+    poisoned[idx] = 1 - poisoned[idx]
+    cls2 = _recording("fedbn")
+    _, out2 = _run(
+        _with_site(data, HELD, labels=poisoned), cls2(), splits=splits, regimes=["zero_shot"]
+    )
+    for k, v in got.items():
+        assert torch.equal(cls2.newcomers[HELD][k], v), k
+    pd.testing.assert_frame_equal(out.cases, out2.cases)
+    cls3 = _recording("fedbn")
+    _run(
+        _with_site(data, HELD, images=site.images * 0.5),
+        cls3(),
+        splits=splits,
+        regimes=["zero_shot"],
+    )
+    assert not torch.equal(
+        cls3.newcomers[HELD][f"{first_bn}.running_mean"], got[f"{first_bn}.running_mean"]
+    )
+
+
+def test_zero_shot_newcomer_cannot_train_on_labels():
+    class Cheat(get_method("fedavg")):
+        name = "cheat"
+
+        def newcomer_model(self, view, site):
+            model = super().newcomer_model(view, site)
+            assert int(site.train_data.labels.abs().sum()) == 0  # labels are blanked
+            site.fit(model, steps=1, label="cheat")
+            return model
+
+    with pytest.raises(PermissionError, match="zero-shot newcomer"):
+        _run(tiny_federation(), Cheat(), regimes=["zero_shot"])
+
+
+def test_few_shot_spends_exactly_k_steps_on_the_new_sites_train_split(monkeypatch):
+    K = 3
+    data = tiny_federation()
+    splits = make_splits(data)
+    site = next(s for s in data.sites if s.name == HELD)
+    train_images = site.subset(splits[HELD]["train"]).images.flatten(1)
+    steps: list[torch.Tensor] = []
+    original = client_module.train_epochs
+
+    def spy(model, batches, opt, *, where, **kw):
+        if "(few_shot)" in where:
+            batches = list(batches)
+            steps.extend(x for x, _ in batches)
+        return original(model, iter(batches), opt, where=where, **kw)
+
+    monkeypatch.setattr(client_module, "train_epochs", spy)
+    _, out = _run(data, get_method("fedavg")(), splits=splits, few_shot_steps=K)
+    assert len(steps) == K
+    for x in steps:  # every image of every step is one of the new site's train images
+        d = torch.cdist(x.flatten(1), train_images)
+        assert bool((d.min(1).values == 0).all())
+    assert out.info["budget"]["few_shot"] == sum(len(x) for x in steps)
+    rows = out.cases[out.cases["split"] == "unseen"]
+    zero = rows[rows["regime"] == "zero_shot"]["dice"].to_numpy()
+    few = rows[rows["regime"] == "few_shot"]["dice"].to_numpy()
+    assert len(zero) == len(few) > 0 and not (zero == few).all()  # K steps changed the model
+
+
+def test_held_out_site_never_reaches_the_federation():
+    data = tiny_federation()
+    splits = make_splits(data)
+    cls = _recording("fedbn")
+    # NaN images: any use of them in training or aggregation would poison every number
+    site = next(s for s in data.sites if s.name == HELD)
+    poisoned = _with_site(data, HELD, images=torch.full_like(site.images, float("nan")))
+    fed, out = _run(poisoned, cls(), splits=splits, regimes=["zero_shot"])
+    assert HELD not in fed.ids and {c for c, _ in cls.seen} == {"site0", "site1"}
+    assert all(c == n for c, n in cls.seen)
+    without = FederatedData(
+        name=data.name,
+        sites=[s for s in data.sites if s.name != HELD],
+        classes=data.classes,
+        structures=data.structures,
+    )
+    _, ref = _run(without, get_method("fedbn")(), held=(), splits=splits)
+    pd.testing.assert_frame_equal(out.rounds, ref.rounds)
+    pd.testing.assert_frame_equal(out.comm, ref.comm)
+    mine = out.cases[out.cases["split"] != "unseen"].drop(columns="regime")
+    pd.testing.assert_frame_equal(mine.reset_index(drop=True), ref.cases)
+
+
+def test_personal_average_gives_the_clients_heads_and_counts_the_bytes():
+    cls = _recording("fedper")
+    fed, out = _run(tiny_federation(), cls(), regimes=["zero_shot"], newcomer_personal="average")
+    got = cls.newcomers[HELD]
+    head = [k for k in got if k.startswith("head.")]
+    assert head
+    w = {c: float(fed.by_id[c].train.images.shape[0]) for c in ("site0", "site1")}
+    for k in head:
+        want = sum(w[c] * cls.final[c][k].double() for c in w) / sum(w.values())
+        assert torch.allclose(got[k].double(), want, atol=1e-6), k
+    assert out.info["newcomer_bytes_up"] == 2 * sum(cls.final["site0"][k].numel() * 4 for k in head)
+
+
+def test_run_key_holds_the_held_out_set_only_when_set():
+    from conftest import fast_protocol as proto
+
+    base = RunSpec(DatasetSpec(name="synthetic"), MethodSpec(name="fedavg"), 0, proto(), TINY_MODEL)
+    assert "unseen" not in base.semantic("fp")
+    a = dataclasses.replace(base, held_out=("a",), evaluation=Evaluation(unseen="leave_one_out"))
+    b = dataclasses.replace(base, held_out=("b",), evaluation=Evaluation(unseen="leave_one_out"))
+    assert len({base.key("fp"), a.key("fp"), b.key("fp")}) == 3
+    assert a.semantic("fp")["unseen"]["held_out"] == ["a"]
+    assert "-out_a-" in a.key("fp")
+
+
+def _suite(evaluation: dict) -> dict:
+    return {
+        "name": "u",
+        "datasets": [
+            {"name": "synthetic", "options": {"sites": 3, "size": 16, "images_per_site": [6, 6, 6]}}
+        ],
+        "methods": ["fedavg", "fedbn"],
+        "seeds": [0, 1],
+        "protocol": {"rounds": 1, "local_epochs": 1},
+        "evaluation": evaluation,
+    }
+
+
+def test_leave_one_out_plans_one_cell_per_held_out_site_and_names_unknown_sites():
+    suite = parse_suite(_suite({"unseen": "leave_one_out"}), "u.yaml")
+    cells = plan(suite)
+    assert len(cells) == 2 * 2 * 3
+    assert sorted({c.held_out for c in cells}) == [
+        (s,) for s in sorted({c.held_out[0] for c in cells})
+    ]
+    bad = parse_suite(_suite({"unseen": ["nowhere"]}), "u.yaml")
+    with pytest.raises(SuiteError, match=r"\['nowhere'\] are not sites of dataset 'synthetic'"):
+        plan(bad)
+    with pytest.raises(SuiteError, match="few_shot_steps"):
+        parse_suite(_suite({"unseen": "leave_one_out", "few_shot_steps": 0}), "u.yaml")
+
+
+def test_unseen_table_gap_is_in_federation_minus_newcomer_over_the_blocks():
+    from pflbench.report.data import Results
+    from pflbench.report.tables import unseen_table
+
+    idx = pd.MultiIndex.from_tuples([("d", f"s{i}") for i in range(4)], names=["dataset", "client"])
+    blocks = pd.DataFrame(
+        {
+            ("fedavg", "in_federation"): [0.8, 0.7, 0.9, 0.6],
+            ("fedavg", "zero_shot"): [0.5, 0.6, 0.4, 0.5],
+            ("fedavg", "few_shot"): [0.7, 0.7, 0.8, 0.6],
+        },
+        index=idx,
+    )
+    res = Results(pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), [])
+    table, tests = unseen_table(blocks, ["fedavg"], res, practical=0.01, n_resamples=0)
+    row = table.cells.loc["fedavg"]
+    assert row["In federation"] == "0.750" and row["Zero-shot"] == "0.500"
+    assert row["Gap (zero-shot)"].startswith("+0.250")  # mean of 0.3, 0.1, 0.5, 0.1
+    assert row["Gap (few-shot)"].startswith("+0.050")
+    assert len(tests) == 2 and bool(tests["too_few"].all())  # N = 4 blocks: descriptive only
+
+
+def test_sweep_cells_carry_the_held_out_set():
+    from pflbench.tuning import StudyRef
+
+    suite = parse_suite(_suite({"unseen": ["site1"]}), "u.yaml")
+    ref = StudyRef("r", "runs", suite.datasets[0], suite.methods[0], "fixed")
+    cells = ref.cells(suite)
+    assert [c["held_out"] for c in cells] == [["site1"], ["site1"]]
+    assert all(c["cell"].endswith("/out_site1") for c in cells) and ref.total(suite) == 2
+    plain = parse_suite({k: v for k, v in _suite({}).items() if k != "evaluation"}, "u.yaml")
+    assert (
+        "held_out"
+        not in StudyRef("r", "runs", plain.datasets[0], plain.methods[0], "fixed").cells(plain)[0]
+    )
+
+
+def test_a_worker_sweep_runs_the_same_held_out_cells_as_the_plain_runner(tmp_path):
+    from pflbench.results import iter_runs
+    from pflbench.runner import DataCache
+    from pflbench.storage import open_storage, resolve_storage
+    from pflbench.worker import Worker
+
+    raw = _suite({"unseen": "leave_one_out", "regimes": ["zero_shot"]})
+    raw.update(methods=["fedavg"], seeds=[0])
+    raw["protocol"].update(threads=1, device="cpu", surface_metrics=False)
+    suite = parse_suite(raw, "u.yaml")
+    out = tmp_path / "out"
+    storage = open_storage(resolve_storage(None, out))
+    done = Worker(suite, out, storage, index=0, threads=1).run()
+    assert done.trials == 3
+    cache = DataCache()
+    want = {c.key(cache.get(c.dataset)[2]) for c in plan(suite, cache)}
+    runs = {m["run_key"]: m for _, m in iter_runs(out)}
+    assert set(runs) == want
+    assert sorted(m["held_out"] for m in runs.values()) == [["site1"], ["site2"], ["site3"]]
+
+
+def test_older_result_folders_without_unseen_columns_still_load(tmp_path):
+    from pflbench.results import RunRecords, load_results, write_run
+
+    def records(key: str, cases: pd.DataFrame, **manifest) -> RunRecords:
+        empty = pd.DataFrame()
+        base = {"run_key": key, "dataset": "d", "method": "fedavg", "label": "fixed", "seed": 0}
+        return RunRecords(empty, empty, cases, {**base, **manifest})
+
+    row = {"selection": "best", "round": 1, "client": "a", "split": "test", "case_id": "c",
+           "structure": "s", "dice": 0.5, "iou": 0.3, "hd95": 1.0, "assd": 1.0}  # fmt: skip
+    write_run(tmp_path, "old", records("old", pd.DataFrame([row])))
+    new = pd.DataFrame([row, {**row, "split": "unseen", "client": "b", "regime": "zero_shot"}])
+    write_run(tmp_path, "new", records("new", new, held_out=["b"]))
+    cases = load_results(tmp_path, "cases")
+    old = cases[cases["run_key"] == "old"]
+    assert old["regime"].isna().all() and old["held_out"].isna().all()
+    unseen = cases[cases["split"] == "unseen"]
+    assert unseen[["client", "regime", "held_out"]].values.tolist() == [["b", "zero_shot", "b"]]
