@@ -239,7 +239,8 @@ def _changed(before, model, names):
 def test_fedrep_head_phase_freezes_the_body(cache_mb):
     method = get_method("fedrep")(head_epochs=3, feature_cache_mb=cache_mb)
     budget = Budget()
-    client = make_client(tiny_unet(), budget=budget)
+    # two suite epochs: the cache is one pass whatever the suite's budget
+    client = make_client(tiny_unet(), budget=budget, epochs=2)
     head, body = _head_body(client.model)
     before = state_of(client.model)
     method.train_head(client)
@@ -265,6 +266,38 @@ def test_fedrep_body_phase_freezes_the_head():
     assert all(grads[n].grad is None or not grads[n].grad.any() for n in head)
     assert all(p.requires_grad for p in client.model.parameters())
     assert budget.samples == {"local": client.num_train}
+
+
+@pytest.mark.parametrize("cache_mb", [2048, 0])
+def test_fedrep_keeps_head_and_body_optimizer_states_apart(cache_mb):
+    """Under optimizer_state: persist each phase resumes its own Adam state across rounds."""
+    client = make_client(tiny_unet(), persist_optimizer=True)
+    method = get_method("fedrep")(head_epochs=2, feature_cache_mb=cache_mb)
+    for _ in range(2):
+        method.local_update(client)
+    assert set(client.state) == {"_optimizer/main", "_optimizer/head"}
+    head, body = _head_body(client.model)
+    batches = 3  # 10 images, batch 4: 4 + 4 + 2
+
+    def steps(key):
+        return {int(s["step"]) for s in client.state[key]["state"].values()}
+
+    assert len(client.state["_optimizer/head"]["state"]) == len(head)
+    assert len(client.state["_optimizer/main"]["state"]) == len(body)
+    assert steps("_optimizer/head") == {2 * 2 * batches}  # 2 rounds × 2 head epochs
+    assert steps("_optimizer/main") == {2 * batches}  # 2 rounds × the suite's 1 epoch
+
+
+def test_fedrep_cached_head_epochs_are_reproducible_whatever_the_global_rng():
+    """The cached path shuffles with the client's own generator, not torch's global one."""
+    out = []
+    for global_seed in (0, 1):
+        client = make_client(tiny_unet())
+        torch.manual_seed(global_seed)
+        get_method("fedrep")(head_epochs=3, feature_cache_mb=2048).train_head(client)
+        out.append(state_of(client.model))
+    for k in ("head.weight", "head.bias"):
+        assert torch.equal(out[0][k], out[1][k]), k
 
 
 def test_fedrep_cached_features_match_the_full_forward_head_step():
