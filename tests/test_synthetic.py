@@ -156,6 +156,7 @@ def test_options_round_trip() -> None:
         "slices_per_case": 4,
         "appearance_shift": 1.0,
         "label_shift": 0.5,
+        "annotation_shift": 0.0,
         "empty_fraction": 0.0,
         "seed": 2,
         "cache_dir": None,
