@@ -2,7 +2,7 @@
 is lent. It is not a pytest test (it needs a device and writes a report); ``check.sh`` runs it.
 
     python tests/gpu/check.py                      # on CUDA: every check, report to reports/benchmarks/
-    python tests/gpu/check.py --device cpu --size 32 --images 8 --rounds 1   # a dry run here
+    python tests/gpu/check.py --device cpu --tiny --out /tmp/gpu-check.md   # the CI dry run
 
 Checks, each a section of the Markdown report:
 1. every registered built-in method for ``--rounds`` rounds at ``--size`` px on the device: any
@@ -135,7 +135,7 @@ def packed_throughput(args, k: int) -> float:
     """Training images/s summed over ``k`` processes sharing the device."""
     cmd = [
         sys.executable,
-        __file__,
+        str(Path(__file__).resolve()),
         "--one-run",
         "--device",
         args.device,
@@ -167,8 +167,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tol", type=float, default=0.1, help="largest |Dice fp32 − Dice bf16|")
     ap.add_argument("--pack", default="1,2,4", help="run counts to pack on one device")
     ap.add_argument("--out", type=Path, default=None, help="the Markdown report")
+    ap.add_argument(
+        "--tiny",
+        action="store_true",
+        help="the CI dry run: 16 px, 6 images per site, 1 round, packs of 1 and 2",
+    )
     ap.add_argument("--one-run", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.tiny:
+        args.size, args.images, args.rounds, args.amp_rounds, args.pack = 16, 6, 1, 1, "1,2"
+        args.tol = 1.0  # one round at 16 px decides nothing about precision: the path is checked
     if args.device == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda, but torch.cuda.is_available() is False", file=sys.stderr)
         return 2
