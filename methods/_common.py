@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from pflbench.partition import Partition, PartitionError, floating_entries
-from pflbench.training import check_finite
+from pflbench.training import backward_step, check_finite
 
 
 def model_name(model: nn.Module) -> str:
@@ -115,12 +115,13 @@ def frozen(params: Iterable[nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, where: str) -> float:
-    """Backward and step, refusing a non-finite loss exactly as the engine's training loop does."""
+def step(optimizer: torch.optim.Optimizer, loss: torch.Tensor, where: str) -> torch.Tensor:
+    """Backward and step (through the optimizer's fp16 gradient scaler, if any), refusing a
+    non-finite loss exactly as the engine's training loop does; returns the detached loss,
+    left on its device (reading it would wait for the device at every step)."""
     check_finite(loss, where)
-    loss.backward()
-    optimizer.step()
-    return float(loss.detach())
+    backward_step(optimizer, loss)
+    return loss.detach()
 
 
 def cloned_state(model: nn.Module) -> dict[str, torch.Tensor]:

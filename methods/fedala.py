@@ -126,10 +126,11 @@ class FedALA(Method):
         n = len(data)
         m = min(n, max(2, int(self.s / 100 * n)))
         idx = torch.randperm(n, generator=client.generator("ala-sample"))[:m].sort().values
+        on = idx.to(data.images.device)  # the site's data may live on the GPU
         return SiteData(
             name=data.name,
-            images=data.images.index_select(0, idx),
-            labels=data.labels.index_select(0, idx),
+            images=data.images.index_select(0, on),
+            labels=data.labels.index_select(0, on),
             case_ids=[data.case_ids[i] for i in idx.tolist()],
             slice_index=[data.slice_index[i] for i in idx.tolist()],
             spacing=data.spacing,

@@ -351,8 +351,9 @@ class ResFIM(Method):
         n = min(self.fisher_samples, len(data))
         idx = torch.randperm(len(data), generator=client.generator("fisher-samples"))[:n]
         idx = idx.sort().values
-        x = data.images.index_select(0, idx).to(client.device)
-        y = data.labels.index_select(0, idx).to(client.device)
+        on = idx.to(data.images.device)  # the site's data may live on the GPU
+        x = data.images.index_select(0, on).to(client.device)
+        y = data.labels.index_select(0, on).to(client.device)
         moved: dict[str, torch.Tensor] = {}
         if self.residual:
             bank: Bank = client.state.get(_BANK, {})

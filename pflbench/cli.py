@@ -185,6 +185,17 @@ def default_out(suite: Suite, suite_path: str) -> Path:
     return Path(suite.out) if suite.out else Path("runs") / Path(suite_path).stem
 
 
+def _probe_per_gpu(suite: Any) -> int:
+    """``workers_per_gpu: auto``: measure, then say what was chosen and why."""
+    from pflbench.packing import auto_per_gpu
+
+    per, peak, total = auto_per_gpu(suite)
+    console.print(
+        f"workers_per_gpu auto: {per} per GPU (probe peak {peak:.0f} MiB of {total:.0f} MiB)"
+    )
+    return per
+
+
 @main.command()
 @click.argument("suite_path", metavar="SUITE")
 @click.option(
@@ -233,7 +244,7 @@ def run(
     or --storage goes through the Optuna storage (a killed sweep resumes; more machines can join
     with `pflbench worker`).
     """
-    from pflbench.pool import resolve_workers, start_children
+    from pflbench.pool import choose_workers, start_children, visible_gpus
 
     # SIGTERM (a scheduler's stop) unwinds like Ctrl-C: child workers are stopped, each closing
     # its trial for a retry, and the exit code is 130
@@ -246,8 +257,14 @@ def run(
     if dry_run:
         _dry_run(suite, Path(out) if out else default_out(suite, suite_path))
         return
-    requested = workers if workers is not None else suite.workers
-    workers = resolve_workers(requested, suite.protocol.threads)
+    workers = choose_workers(
+        workers,
+        suite.workers,
+        suite.protocol.threads,
+        suite.workers_per_gpu,
+        visible_gpus() if suite.workers_per_gpu is not None else [],
+        probe=lambda: _probe_per_gpu(suite),
+    )
     children = start_children(suite_path, out, storage, workers, overrides) if workers > 1 else None
     out_dir = Path(out) if out else default_out(suite, suite_path)
     sweep = suite.tuning is not None or workers > 1 or storage is not None

@@ -20,7 +20,14 @@ from torch import nn
 from pflbench.aggregation import WeightKind, client_weight
 from pflbench.data import SiteData
 from pflbench.state import clone_tree
-from pflbench.training import batch_stream, make_optimizer, segmentation_loss, train_epochs
+from pflbench.training import (
+    attach_scaler,
+    batch_stream,
+    make_optimizer,
+    scaler_of,
+    segmentation_loss,
+    train_epochs,
+)
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,8 @@ class LocalWork:
     shuffle: bool
     loss_smoothing: float = 1.0
     aggregation_weights: WeightKind = "samples"
+    #: the protocol's mixed precision; "fp16" gives every optimizer a gradient scaler
+    amp: str = "off"
 
     @property
     def augmentations(self) -> tuple[str, ...]:
@@ -199,11 +208,22 @@ class Client:
             opt.load_state_dict(saved)
             for group in opt.param_groups:
                 group["lr"] = self.lr
+        if w.amp == "fp16":
+            scaler = torch.amp.GradScaler(self._device.type)
+            kept = self.state.get(f"_grad_scaler/{key}")
+            if kept is not None:  # the scale found in earlier rounds, not 2¹⁶ again
+                scaler.load_state_dict(kept)
+            attach_scaler(opt, scaler)
         return opt
 
     def keep_optimizer(self, opt: torch.optim.Optimizer, key: str = "main") -> None:
+        """Keep the optimizer's state for the next round (when it persists) and, under fp16, its
+        gradient scaler's scale (always: the scale is numerics, not optimizer state)."""
         if self._persist_optimizer:
             self.state[f"_optimizer/{key}"] = clone_tree(opt.state_dict())
+        scaler = scaler_of(opt)
+        if scaler is not None:
+            self.state[f"_grad_scaler/{key}"] = scaler.state_dict()
 
     def fit(
         self,

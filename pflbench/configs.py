@@ -19,7 +19,7 @@ from typing import Any
 
 #: Protocol fields that say where and how fast a run ran, or what it stores besides its numbers,
 #: not what it computed (as the run key: :data:`pflbench.suite.UNKEYED`).
-LOCAL_PROTOCOL = ("threads", "device", "store", "qualitative_cases")
+LOCAL_PROTOCOL = ("threads", "device", "store", "qualitative_cases", "data_placement")
 #: Shared hyperparameters a tuning sweep searches: part of a method's configuration when tuned.
 SHARED_HYPERPARAMETERS = ("optimizer.lr", "local_epochs", "local_steps", "batch_size")
 #: The run-group columns reports aggregate over seeds within.

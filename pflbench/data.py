@@ -8,6 +8,7 @@ and seed sees the same split.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -65,10 +66,25 @@ class SiteData:
         """Distinct case ids in first-seen order."""
         return list(dict.fromkeys(self.case_ids))
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its images and labels (what placing it on a device costs)."""
+        return self.images.nbytes + self.labels.nbytes
+
+    def to(self, device: torch.device | None = None, pin: bool = False) -> SiteData:
+        """The same site on ``device``, or in pinned (page-locked) host memory with ``pin``, from
+        which copies to a GPU are asynchronous."""
+        images, labels = self.images, self.labels
+        if device is not None:
+            images, labels = images.to(device), labels.to(device)
+        if pin:
+            images, labels = images.pin_memory(), labels.pin_memory()
+        return dataclasses.replace(self, images=images, labels=labels)
+
     def subset(self, cases: Sequence[str], name: str | None = None) -> SiteData:
         keep = set(cases)
         idx = [i for i, c in enumerate(self.case_ids) if c in keep]
-        index = torch.as_tensor(idx, dtype=torch.long)
+        index = torch.as_tensor(idx, dtype=torch.long, device=self.images.device)
         return SiteData(
             name=name or self.name,
             images=self.images.index_select(0, index),

@@ -13,7 +13,7 @@ import dataclasses
 import resource
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,14 +26,14 @@ from pflbench import metrics, qualitative
 from pflbench.aggregation import masked_average
 from pflbench.client import Budget, Client, LocalWork, UnlabelledClient, _seed
 from pflbench.data import FederatedData, SiteData
-from pflbench.federation import ClientSplits, Mode, build_clients
+from pflbench.federation import ClientSplits, Mode, build_clients, place_clients
 from pflbench.messages import Message, Upload, payload_bytes
 from pflbench.method import Method, ServerView
 from pflbench.partition import partition_sizes
 from pflbench.registry import get_method, get_model
 from pflbench.state import MemoryStore, StateStore, StoredUploads, make_store
 from pflbench.suite import Evaluation, MethodSpec, ModelSpec, Protocol
-from pflbench.training import Diverged
+from pflbench.training import Diverged, divergence_guard
 
 EvalCallback = Callable[[int, float], None]
 RoundCallback = Callable[[int, int], None]
@@ -79,32 +79,35 @@ def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def autocast(amp: str, device: torch.device) -> contextlib.AbstractContextManager:
     """The protocol's mixed precision for the model's passes (local training, methods' extra
-    passes, evaluation forwards): ``bf16`` autocasts convolutions and matrix products to
-    bfloat16 (weights, gradients and optimizer state stay float32; losses and normalizations run
-    in float32, as autocast's op lists say). Metrics and aggregation never run under it: counts
-    in bfloat16 lose integers above 256. ``off`` changes nothing, so default runs are bit for
-    bit what they were."""
+    passes, evaluation forwards): ``bf16`` / ``fp16`` autocast convolutions and matrix products
+    to bfloat16 / float16 (weights, gradients and optimizer state stay float32; losses and
+    normalizations run in float32, as autocast's op lists say; fp16 steps go through a gradient
+    scaler, :meth:`pflbench.client.Client.optimizer`). Metrics and aggregation never run under
+    it: counts in 16 bits lose integers above 2048. ``off`` changes nothing, so default runs
+    are bit for bit what they were."""
     if amp == "off":
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @torch.no_grad()
 def predict(
     model: nn.Module, data: SiteData, device: torch.device, batch: int = 32, amp: str = "off"
 ) -> torch.Tensor:
-    """Class map for every image of ``data`` (model in eval mode, restored afterwards); only
-    the forward pass runs under ``amp``, the thresholds in float32."""
+    """Class map for every image of ``data`` (model in eval mode, restored afterwards), left on
+    ``device``: the Dice/IoU counts are taken there too, and only the per-case scores travel
+    to the host. Only the forward pass runs under ``amp``, the thresholds in float32."""
     was_training = model.training
     model.eval()
     out = []
     for i in range(0, len(data), batch):
-        x = data.images[i : i + batch].to(device)
+        x = data.images[i : i + batch].to(device, non_blocking=True)
         with autocast(amp, device):
             logits = model(x)
-        out.append(metrics.predict_labels(logits.float()).cpu())
+        out.append(metrics.predict_labels(logits.float()))
     model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long, device=device)
 
 
 class Federation:
@@ -134,8 +137,12 @@ class Federation:
         self.on_eval = on_eval
         self.on_round = on_round
         self.device = resolve_device(protocol.device)
-        self.clients: list[ClientSplits] = build_clients(data, splits, mode)
-        self.newcomers: list[ClientSplits] = build_clients(newcomers, splits, mode)
+        members = build_clients(data, splits, mode)
+        placed, self.placement = place_clients(
+            members + build_clients(newcomers, splits, mode), protocol.data_placement, self.device
+        )
+        self.clients: list[ClientSplits] = placed[: len(members)]
+        self.newcomers: list[ClientSplits] = placed[len(members) :]
         self.evaluation = evaluation or Evaluation()
         #: the federation's last broadcast, per client id (what a newcomer may be given)
         self.final_messages: dict[str, Message] = {}
@@ -163,6 +170,7 @@ class Federation:
             shuffle=protocol.shuffle,
             loss_smoothing=protocol.loss_smoothing,
             aggregation_weights=protocol.aggregation_weights,
+            amp=protocol.amp,
         )
         self.persist_optimizer = (method.optimizer_state or protocol.optimizer_state) == "persist"
         self.comm_rows: list[dict[str, Any]] = []
@@ -194,8 +202,12 @@ class Federation:
             lr_factor=self.protocol.lr_factor(round),
         )
 
-    def _numerics(self) -> contextlib.AbstractContextManager:
-        return autocast(self.protocol.amp, self.device)
+    @contextlib.contextmanager
+    def _numerics(self) -> Iterator[None]:
+        """Around every client hook: the protocol's precision, and one divergence check at the
+        end of the hook for every loss it trained on (no host synchronisation per step)."""
+        with divergence_guard(), autocast(self.protocol.amp, self.device):
+            yield
 
     def _close(self, cid: str, client: Client) -> None:
         self.store.put(cid, {"model": _state_copy(self.model), "state": client.state})
@@ -376,16 +388,16 @@ class Federation:
                 (i for i, c in enumerate(data.case_ids) if c == case),
                 key=lambda i: data.slice_index[i],
             )
-            pick = idx[qualitative.representative_slice(data.labels[idx].numpy())]
+            pick = idx[qualitative.representative_slice(data.labels[idx].cpu().numpy())]
             self.qualitative.append(
                 qualitative.Case(
                     client=cid,
                     case_id=case,
                     slice_index=int(data.slice_index[pick]),
                     round=int(r),
-                    image=qualitative.display_image(data.images[pick].numpy()),
-                    label=qualitative.label_map(data.labels[pick].numpy()),
-                    pred=qualitative.label_map(pred[pick].numpy()),
+                    image=qualitative.display_image(data.images[pick].cpu().numpy()),
+                    label=qualitative.label_map(data.labels[pick].cpu().numpy()),
+                    pred=qualitative.label_map(pred[pick].cpu().numpy()),
                 )
             )
 
@@ -519,6 +531,7 @@ class Federation:
             "timings": self.timings,
             "threads": torch.get_num_threads(),
             "device": str(self.device),
+            "data_placement": self.placement,
             "optimizer_state": "persist" if self.persist_optimizer else "reset",
             "budget": dict(self.budget.samples),
             "partition_sizes": partition_sizes(probe, self.method.partition(probe)),

@@ -6,8 +6,11 @@ select on test data even by accident.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
+
+import torch
 
 from pflbench.data import FederatedData, SiteData
 
@@ -40,6 +43,50 @@ class ClientSplits:
         if self._test is None:
             self._test = self._source.subset(self._test_cases, name=self.name)
         return self._test
+
+    def placed(self, device: torch.device | None, pin: bool = False) -> ClientSplits:
+        """These splits on ``device`` (or pinned on the host): train and val, and the test split
+        in final mode (built now, so that the whole site is never copied)."""
+        test = self.test.to(device, pin) if self.mode == "final" else None
+        return dataclasses.replace(
+            self, train=self.train.to(device, pin), val=self.val.to(device, pin), _test=test
+        )
+
+    @property
+    def nbytes(self) -> int:
+        test = self.test.nbytes if self.mode == "final" else 0
+        return self.train.nbytes + self.val.nbytes + test
+
+
+Placement = Literal["device", "pinned", "host"]
+
+#: The share of the free GPU memory the sites' data may take when placed on the device.
+RESIDENT_SHARE = 0.5
+
+
+def choose_placement(
+    setting: Literal["auto", "host"], device: torch.device, nbytes: int, free_bytes: int | None
+) -> Placement:
+    """Where the clients' data live: with ``auto`` on a GPU, on the device when all of it fits in
+    :data:`RESIDENT_SHARE` of the free memory (no copy per batch at all), else in pinned host
+    memory (asynchronous copies); on the CPU, or with ``host``, where they were loaded."""
+    if setting == "host" or device.type != "cuda":
+        return "host"
+    if free_bytes is not None and nbytes <= RESIDENT_SHARE * free_bytes:
+        return "device"
+    return "pinned"
+
+
+def place_clients(
+    clients: list[ClientSplits], setting: Literal["auto", "host"], device: torch.device
+) -> tuple[list[ClientSplits], Placement]:
+    """:func:`choose_placement` for these clients, applied."""
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    where = choose_placement(setting, device, sum(c.nbytes for c in clients), free)
+    if where == "host":
+        return clients, where
+    target = device if where == "device" else None
+    return [c.placed(target, pin=where == "pinned") for c in clients], where
 
 
 def build_clients(

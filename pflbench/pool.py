@@ -42,20 +42,50 @@ def resolve_workers(value: Any, threads: Any = None, cpus: int | None = None) ->
     return value if isinstance(value, int) and value > 0 else 1
 
 
-def gpu_assignment(workers: int) -> list[str | None]:
-    """CUDA_VISIBLE_DEVICES per worker: GPUs dealt round-robin; None without GPUs. Worker 0 is the
-    process that starts the others and keeps its default device, the first visible GPU."""
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use (CUDA_VISIBLE_DEVICES, else every device torch sees)."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
-        gpus = [g for g in visible.split(",") if g.strip()]
-    elif sys.platform == "linux" and not Path("/proc/driver/nvidia").exists():
-        gpus = []  # no NVIDIA driver: no need to import torch to find out
-    else:
-        import torch
+        return [g for g in visible.split(",") if g.strip()]
+    if sys.platform == "linux" and not Path("/proc/driver/nvidia").exists():
+        return []  # no NVIDIA driver: no need to import torch to find out
+    import torch
 
-        gpus = (
-            [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-        )
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def gpu_workers(per_gpu: int, gpus: int, cpus: int | None = None) -> int:
+    """Workers for ``workers_per_gpu``: ``per_gpu`` on each GPU, but never more than the CPUs
+    (each run still needs a core to feed its GPU)."""
+    if per_gpu < 1 or gpus < 1:
+        raise ValueError(f"need at least one worker per GPU and one GPU, got {per_gpu}, {gpus}")
+    return max(1, min(per_gpu * gpus, cpus or cpu_count()))
+
+
+def choose_workers(
+    cli: Any,
+    suite_workers: Any,
+    threads: Any,
+    per_gpu: int | str | None,
+    gpus: Sequence[str],
+    probe: Any = None,
+) -> int:
+    """The worker count of ``pflbench run``: ``--workers`` when given; else, with GPUs visible
+    and ``workers_per_gpu`` set, that many per GPU (``auto``: ``probe()``, called only then,
+    returns it); else the suite's ``workers``."""
+    if cli is not None:
+        return resolve_workers(cli, threads)
+    if per_gpu is not None and gpus:
+        n = probe() if per_gpu == "auto" else per_gpu
+        return gpu_workers(int(n), len(gpus))
+    return resolve_workers(suite_workers, threads)
+
+
+def gpu_assignment(workers: int) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES per worker: GPUs dealt round-robin (so ``workers_per_gpu`` × GPUs
+    workers put that many on each GPU); None without GPUs. Worker 0 is the process that starts
+    the others and keeps its default device, the first visible GPU."""
+    gpus = visible_gpus()
     if not gpus:
         return [None] * workers
     return [gpus[i % len(gpus)] for i in range(workers)]

@@ -170,13 +170,20 @@ class Protocol(_Strict):
     threads: int | None = Field(None, gt=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     store: Literal["memory", "disk"] = "memory"
-    #: Mixed precision: "bf16" runs every forward pass (training, Fisher passes, evaluation)
-    #: under torch.autocast in bfloat16 with float32 weights and optimizer state; it changes
-    #: numbers, so it is part of the run key. fp16 (which needs a gradient scaler) is not offered.
-    amp: Literal["off", "bf16"] = "off"
+    #: Mixed precision: "bf16" / "fp16" run every forward pass (training, Fisher passes,
+    #: evaluation) under torch.autocast in bfloat16 / float16 with float32 weights and optimizer
+    #: state; fp16 steps every optimizer the engine hands out through a gradient scaler (the
+    #: gradient-only passes of ResFIM's Fisher and FedALA's weight learning are unscaled: use
+    #: bf16 there). It changes numbers, so it is part of the run key.
+    amp: Literal["off", "bf16", "fp16"] = "off"
     #: Keep the model's weights (and so its activations) in channels_last memory layout: faster
     #: convolutions on recent GPUs; on the CPU the same numbers up to rounding.
     channels_last: bool = False
+    #: Where the sites' images live during a run on a GPU: auto keeps them on the device when
+    #: they fit in half its free memory (no copy per batch), else in pinned host memory
+    #: (asynchronous copies); host leaves them in ordinary host memory. The same numbers either
+    #: way: where it runs, not what it computes (not part of a run key).
+    data_placement: Literal["auto", "host"] = "auto"
     #: True is ["flips"] (horizontal and vertical, p 0.5 each); "rot90" adds a rotation by a
     #: uniform multiple of 90° with p 0.5 (square images only), as albumentations'
     #: RandomRotate90 in FL-MedSegBench.
@@ -513,6 +520,24 @@ class Suite(_Strict):
         description="worker processes `pflbench run` starts when --workers is not given; auto: "
         "one per protocol.threads CPUs (one per CPU with threads: 1)",
     )
+
+    workers_per_gpu: int | Literal["auto"] | None = Field(
+        None,
+        description="with GPUs visible and no --workers, start this many workers on each GPU "
+        "(instead of `workers`); auto: as many as fit by the peak GPU memory of a one-step probe "
+        "of each method (pflbench.packing). Ignored without GPUs.",
+    )
+
+    @field_validator("workers_per_gpu")
+    @classmethod
+    def _positive_per_gpu(cls, v: int | str | None) -> int | str | None:
+        if isinstance(v, int) and not 1 <= v <= MAX_WORKERS:
+            raise PydanticCustomError(
+                "workers_per_gpu",
+                "must be ≥ 1 and ≤ {max}, or 'auto'; got {v}",
+                {"v": v, "max": MAX_WORKERS},
+            )
+        return v
 
     @field_validator("workers")
     @classmethod

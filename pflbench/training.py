@@ -6,6 +6,9 @@ same loss, optimizer and data order, and every pass over the data is counted.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Literal
 
@@ -123,6 +126,7 @@ def batch_stream(
         return chunks
 
     def emit(ix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ix = ix.to(data.images.device)  # a no-op on the host; the data may live on the GPU
         x = data.images.index_select(0, ix)
         y = data.labels.index_select(0, ix)
         if augment is not None and augmentations:
@@ -158,8 +162,88 @@ def batch_stream(
 
 
 def check_finite(loss: torch.Tensor, where: str) -> None:
+    """Refuse a non-finite loss now (one host synchronisation); inside :func:`divergence_guard`
+    the loss is only recorded, and checked once when the guarded block ends."""
+    meter = _METER.get()
+    if meter is not None:
+        meter.add(loss, where)
+        return
     if not torch.isfinite(loss).all():
         raise Diverged(f"non-finite loss ({loss.item()}) in {where}")
+
+
+class LossMeter:
+    """Losses summed on their device per label (float64, exactly the host's running sum), so
+    that a training loop never waits for the device to learn whether a step diverged."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, loss: torch.Tensor, where: str) -> None:
+        value = loss.detach().to(torch.float64).sum()
+        held = self.sums.get(where)
+        self.sums[where] = value if held is None else held + value
+
+    def check(self) -> None:
+        """One synchronisation: :class:`Diverged` naming each label whose losses were not all
+        finite (a NaN or an infinity anywhere makes the sum non-finite)."""
+        if not self.sums:
+            return
+        labels = list(self.sums)
+        finite = torch.isfinite(torch.stack([self.sums[k] for k in labels])).tolist()
+        bad = [k for k, ok in zip(labels, finite, strict=True) if not ok]
+        if bad:
+            raise Diverged(f"non-finite loss in {', '.join(bad)}")
+
+
+_METER: contextvars.ContextVar[LossMeter | None] = contextvars.ContextVar("meter", default=None)
+
+
+@contextlib.contextmanager
+def divergence_guard() -> Iterator[LossMeter]:
+    """Check every loss of the block once, at its end (the engine wraps each client hook, so
+    divergence is checked once per local update, not once per step)."""
+    meter = LossMeter()
+    token = _METER.set(meter)
+    try:
+        yield meter
+    except Diverged:
+        raise
+    except Exception:
+        meter.check()  # an error after a non-finite loss is that divergence, reported as such
+        raise
+    finally:
+        _METER.reset(token)
+    meter.check()
+
+
+#: The fp16 gradient scaler of each optimizer that has one (see :func:`attach_scaler`).
+_SCALERS: weakref.WeakKeyDictionary[torch.optim.Optimizer, torch.amp.GradScaler] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def attach_scaler(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    """Let :func:`backward_step` scale the losses of ``optimizer``'s steps (amp: fp16), so that
+    every training loop that steps through it gets the scaler without knowing about it."""
+    _SCALERS[optimizer] = scaler
+
+
+def scaler_of(optimizer: torch.optim.Optimizer) -> torch.amp.GradScaler | None:
+    return _SCALERS.get(optimizer)
+
+
+def backward_step(optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+    """``loss.backward(); optimizer.step()``, through the optimizer's gradient scaler under fp16
+    (scaled loss, unscaled step, skipped when a gradient overflowed, scale updated)."""
+    scaler = _SCALERS.get(optimizer)
+    if scaler is None:
+        loss.backward()
+        optimizer.step()
+        return
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def train_epochs(
@@ -170,18 +254,22 @@ def train_epochs(
     where: str = "local training",
     loss_fn: LossFn = segmentation_loss,
 ) -> tuple[float, int]:
-    """Plain supervised steps over ``batches``; returns (mean loss, samples seen)."""
+    """Plain supervised steps over ``batches``; returns (mean loss, samples seen).
+
+    The losses are summed on the device; the mean is read once at the end, and the divergence
+    check happens then too (or at the end of the enclosing :func:`divergence_guard`)."""
     model.train()
-    total, seen, count = 0.0, 0, 0
+    total: torch.Tensor | None = None
+    seen, count = 0, 0
     for x, y in batches:
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         if extra_loss is not None:
             loss = loss + extra_loss(model)
         check_finite(loss, where)
-        loss.backward()
-        optimizer.step()
-        total += float(loss.detach())
+        backward_step(optimizer, loss)
+        value = loss.detach().to(torch.float64)
+        total = value if total is None else total + value
         count += 1
         seen += len(x)
-    return (total / max(count, 1)), seen
+    return (float(total) / count if total is not None else 0.0), seen

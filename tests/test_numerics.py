@@ -78,3 +78,74 @@ def test_channels_last_trains_the_same_model_up_to_rounding():
         if b[k].is_floating_point():
             assert torch.allclose(a[k], b[k], atol=1e-3, rtol=1e-3), k
     assert out_cl.info["status"] == out.info["status"] == "ok"
+
+
+# fp16 with a gradient scaler ---------------------------------------------------------------
+
+
+def test_fp16_run_computes_in_float16_through_a_persisted_gradient_scaler():
+    from method_helpers import capturing
+
+    data = tiny_federation()
+    seen: list[torch.dtype] = []
+    method = capturing(get_method("fedavg"))()
+    fed = Federation(
+        data, make_splits(data), method, TINY_MODEL, fast_protocol(amp="fp16", rounds=6), 0
+    )
+    assert fed.work.amp == "fp16"
+    hook = _conv_dtypes(fed.model, seen)
+    out = fed.run()
+    hook.remove()
+    assert out.info["status"] == "ok"
+    assert seen and set(seen) == {torch.float16}
+    assert all(v.dtype == torch.float32 for v in _global(fed).values() if v.is_floating_point())
+    # each client keeps the scale its scaler reached, so a round does not start again at 2¹⁶
+    for cid in fed.ids:
+        kept = type(method).states[cid]["_grad_scaler/main"]
+        assert kept["scale"] > 0 and kept["_growth_tracker"] > 6  # more steps than one round
+    _, plain = run(data, "fedavg", rounds=6)
+    late = "split == 'val' and metric == 'dice' and round >= 4"
+    a = out.rounds.query(late)["value"].mean()
+    b = plain.rounds.query(late)["value"].mean()
+    assert not out.rounds["value"].equals(plain.rounds["value"])
+    assert a > 0.4 and abs(a - b) < 0.15
+    assert Protocol(rounds=2, amp="fp16").key_dict()["amp"] == "fp16"
+
+
+def _sgd_pair(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = nn.Linear(3, 1)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+
+def test_a_scaled_step_is_the_plain_step_and_an_overflow_skips_it():
+    from pflbench.training import attach_scaler, backward_step
+
+    x = torch.randn(8, 3)
+    plain, opt = _sgd_pair()
+    backward_step(opt, plain(x).pow(2).mean())
+    scaled, opt_s = _sgd_pair()
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    attach_scaler(opt_s, scaler)
+    backward_step(opt_s, scaled(x).pow(2).mean())
+    # a power-of-two scale is exact in float32: the unscaled step is the plain one, bit for bit
+    for a, b in zip(plain.parameters(), scaled.parameters(), strict=True):
+        assert torch.equal(a, b)
+    before = [p.detach().clone() for p in scaled.parameters()]
+    backward_step(opt_s, scaled(x).sum() * float("inf"))  # gradients overflow
+    assert all(torch.equal(a, b) for a, b in zip(before, scaled.parameters(), strict=True))
+    assert scaler.get_scale() == 2.0**9  # backed off, as GradScaler does after a skipped step
+
+
+def test_fp16_optimizers_of_a_client_get_a_scaler_and_others_none():
+    from method_helpers import make_client, tiny_unet
+
+    from pflbench.training import scaler_of
+
+    client = make_client(tiny_unet(), amp="fp16")
+    opt = client.optimizer(client.model.parameters())
+    assert scaler_of(opt) is not None
+    client.keep_optimizer(opt)
+    assert client.state["_grad_scaler/main"]["scale"] == scaler_of(opt).get_scale()
+    off = make_client(tiny_unet())
+    assert scaler_of(off.optimizer(off.model.parameters())) is None
