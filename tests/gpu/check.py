@@ -7,10 +7,12 @@ is lent. It is not a pytest test (it needs a device and writes a report); ``chec
 Checks, each a section of the Markdown report:
 1. every registered built-in method for ``--rounds`` rounds at ``--size`` px on the device: any
    device error (a CPU tensor meeting a CUDA one, a missing ``.to``) fails the check;
-2. float32 vs bf16 autocast on a short FedAvg run: client-macro test Dice within ``--tol``;
+2. float32 vs bf16 vs fp16 (with its gradient scaler) autocast, and channels_last, on a short
+   FedAvg run: client-macro test Dice within ``--tol`` of float32, and training images/s of each;
 3. images/s of the engine's local training vs a plain PyTorch loop over the same batches;
 4. throughput of 1, 2 and 4 runs packed on one device (separate processes, the way
-   ``--workers`` packs them), as training images/s summed over the processes.
+   ``--workers`` / ``workers_per_gpu`` packs them), as training images/s summed over the
+   processes, and what ``workers_per_gpu: auto`` would choose from one run's peak memory.
 The exit code is 1 when check 1 or 2 fails.
 """
 
@@ -70,29 +72,43 @@ def macro_test_dice(out) -> float:
     return float(cases.groupby("client")["dice"].mean().mean())
 
 
-def check_methods(args, data) -> list[tuple[str, str, float]]:
+def check_methods(args, data) -> list[tuple[str, str, str, float]]:
     from pflbench.docs import builtin_methods
 
     rows = []
     for name in sorted(builtin_methods()):
         t0 = time.perf_counter()
+        placement = "?"
         try:
             out = run_once(name, data, protocol(args.device, args.rounds))
-            status = out.info["status"]
+            status, placement = out.info["status"], out.info["data_placement"]
         except Exception as exc:  # the check is whether any method fails on the device
             status = f"FAILED: {type(exc).__name__}: {exc}"
             traceback.print_exc()
-        rows.append((name, status, time.perf_counter() - t0))
+        rows.append((name, status, placement, time.perf_counter() - t0))
         print(f"{name}: {status}", flush=True)
     return rows
 
 
-def check_amp(args, data) -> tuple[float, float]:
-    fp32 = macro_test_dice(run_once("fedavg", data, protocol(args.device, args.amp_rounds)))
-    bf16 = macro_test_dice(
-        run_once("fedavg", data, protocol(args.device, args.amp_rounds, amp="bf16"))
-    )
-    return fp32, bf16
+#: The precision variants of check 2: (label, protocol overrides).
+VARIANTS = [
+    ("fp32", {}),
+    ("bf16", {"amp": "bf16"}),
+    ("fp16 + scaler", {"amp": "fp16"}),
+    ("fp32, channels_last", {"channels_last": True}),
+    ("bf16, channels_last", {"amp": "bf16", "channels_last": True}),
+]
+
+
+def check_amp(args, data) -> list[tuple[str, float, float]]:
+    """(variant, client-macro test Dice, training images/s) of each precision variant."""
+    rows = []
+    for label, over in VARIANTS:
+        out = run_once("fedavg", data, protocol(args.device, args.amp_rounds, **over))
+        ips = out.info["budget"]["local"] / out.info["timings"]["train_s"]
+        rows.append((label, macro_test_dice(out), ips))
+        print(f"{label}: Dice {rows[-1][1]:.3f}, {ips:.1f} images/s", flush=True)
+    return rows
 
 
 def plain_loop_images_per_s(args, data) -> float:
@@ -122,8 +138,17 @@ def plain_loop_images_per_s(args, data) -> float:
 
 
 def engine_images_per_s(args, data) -> float:
+    return engine_run(args, data)[0]
+
+
+def engine_run(args, data) -> tuple[float, float]:
+    """(training images/s, peak device memory MiB; 0 on the CPU) of one FedAvg run."""
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     out = run_once("fedavg", data, protocol(args.device, args.rounds))
-    return out.info["budget"]["local"] / out.info["timings"]["train_s"]
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else 0.0
+    return out.info["budget"]["local"] / out.info["timings"]["train_s"], peak
 
 
 def _sync(device: torch.device) -> None:
@@ -185,18 +210,30 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"images_per_s": engine_images_per_s(args, data)}))
         return 0
 
+    from pflbench.packing import per_gpu_from_peak
+
     started = time.perf_counter()
     methods = check_methods(args, data)
-    fp32, bf16 = check_amp(args, data)
-    engine_ips, plain_ips = engine_images_per_s(args, data), plain_loop_images_per_s(args, data)
+    variants = check_amp(args, data)
+    (engine_ips, peak_mb), plain_ips = engine_run(args, data), plain_loop_images_per_s(args, data)
     packed = {k: packed_throughput(args, k) for k in map(int, args.pack.split(","))}
     wall = time.perf_counter() - started
+    if args.device == "cuda":
+        total_mb = torch.cuda.get_device_properties(0).total_memory / 2**20
+        auto = per_gpu_from_peak(peak_mb, total_mb, cap=os.cpu_count() or 1)
+        auto_line = (
+            f"One run peaks at {peak_mb:.0f} MiB of {total_mb:.0f} MiB: `workers_per_gpu: auto` "
+            f"would pack {auto} runs (capped by {os.cpu_count()} CPUs)."
+        )
+    else:
+        auto_line = "No GPU: `workers_per_gpu: auto` is not measured."
+    fp32 = variants[0][1]
 
     device_name = (
         torch.cuda.get_device_name(0) if args.device == "cuda" else f"{args.device} (no GPU)"
     )
-    failed = [m for m, s, _ in methods if s.startswith("FAILED")]
-    amp_ok = abs(fp32 - bf16) <= args.tol
+    failed = [m for m, s, _, _ in methods if s.startswith("FAILED")]
+    amp_ok = all(abs(fp32 - d) <= args.tol for _, d, _ in variants)
     lines = [
         f"# GPU check, {date.today().isoformat()}",
         "",
@@ -207,16 +244,20 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"## 1. Every method, {args.rounds} rounds on the device",
         "",
-        "| method | status | wall s |",
-        "|---|---|---|",
-        *[f"| {m} | {s} | {t:.1f} |" for m, s, t in methods],
-        "",
-        f"## 2. float32 vs bf16 (FedAvg, {args.amp_rounds} rounds, client-macro test Dice)",
-        "",
-        "| fp32 | bf16 | |Δ| | within tolerance |",
+        "| method | status | data placement | wall s |",
         "|---|---|---|---|",
-        f"| {fp32:.3f} | {bf16:.3f} | {abs(fp32 - bf16):.3f} | {'yes' if amp_ok else 'NO'} "
-        f"(tol {args.tol}) |",
+        *[f"| {m} | {s} | {p} | {t:.1f} |" for m, s, p, t in methods],
+        "",
+        f"## 2. Precision and layout (FedAvg, {args.amp_rounds} rounds, client-macro test Dice)",
+        "",
+        f"Tolerance |Δ Dice| ≤ {args.tol} against fp32: {'met' if amp_ok else 'NOT MET'}.",
+        "",
+        "| variant | Dice | Δ vs fp32 | training images/s | speed-up vs fp32 |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {label} | {d:.3f} | {d - fp32:+.3f} | {ips:.1f} | {ips / variants[0][2]:.2f} |"
+            for label, d, ips in variants
+        ],
         "",
         "## 3. Engine vs a plain PyTorch loop (training images/s, one process)",
         "",
@@ -229,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         "| runs | images/s | vs one run |",
         "|---|---|---|",
         *[f"| {k} | {v:.1f} | {v / packed[min(packed)]:.2f} |" for k, v in packed.items()],
+        "",
+        auto_line,
         "",
     ]
     text = "\n".join(lines)
