@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pandas as pd
 import pytest
 import torch
@@ -470,3 +472,208 @@ def test_fedavg_ft_with_one_step_fine_tunes_once_and_local_shares_nothing():
     assert torch.equal(client.model.state_dict()["head.weight"], before["head.weight"])
     part = get_method("local")().partition(client.model)
     assert set(part) == set(before) and not any(part.values())
+
+
+# APFL, from its update rule (tests written from the surviving mutants of issue 22) ----------------
+
+
+def _apfl_by_hand(w, v, alpha, batches, lr, alpha_lr, alpha_reg, loss):
+    """APFL's local round from its definition, plain SGD: per batch w ← w − η∇f(w(x));
+    v ← v − η∇ᵥ f(α·v(x) + (1 − α)·w(x)), w(x) the output before w's step; and
+    α ← clip(α − η_α(∂f/∂α + c·α), 0, 1). Returns w, v, α and the unclipped α proposals."""
+    w.train()
+    v.train()
+    proposals = []
+    for x, y in batches:
+        out_w = w(x)
+        grads = torch.autograd.grad(loss(out_w, y), list(w.parameters()))
+        with torch.no_grad():
+            for p, g in zip(w.parameters(), grads, strict=True):
+                p.sub_(lr * g)
+        a = torch.tensor(alpha, requires_grad=True)
+        f = loss(a * v(x) + (1 - a) * out_w.detach(), y)
+        *g_v, g_a = torch.autograd.grad(f, [*v.parameters(), a])
+        with torch.no_grad():
+            for p, g in zip(v.parameters(), g_v, strict=True):
+                p.sub_(lr * g)
+        proposals.append(alpha - alpha_lr * (float(g_a) + alpha_reg * alpha))
+        alpha = min(1.0, max(0.0, proposals[-1]))
+    return state_of(w), state_of(v), alpha, proposals
+
+
+def _trained_unet(seed: int) -> nn.Module:
+    """A model fitted to site 0 (a personal model clearly better than a fresh global one)."""
+    client = make_client(tiny_unet(seed), lr=5e-2, epochs=4)
+    client.fit()
+    return client.model
+
+
+@pytest.mark.parametrize(
+    "alpha, alpha_lr, alpha_reg, v_kind, bound",
+    [
+        (0.4, 0.5, 0.3, "random", None),  # inside (0, 1): every term of the α step counts
+        (0.6, 1e4, 0.0, "trained", 1.0),  # v is better: ∂f/∂α < 0, the huge step clips at 1
+        (0.3, 1e4, 50.0, "random", 0.0),  # c·α dominates: clipped at 0
+    ],
+)
+def test_apfl_local_round_is_the_hand_computed_update_of_w_v_and_alpha(
+    alpha, alpha_lr, alpha_reg, v_kind, bound
+):
+    lr = 0.05
+    work = {"epochs": None, "steps": 3, "lr": lr, **SGD}
+    v0 = tiny_unet(7) if v_kind == "random" else _trained_unet(7)
+    reference = make_client(tiny_unet(), round=2, **work)
+    batches = list(reference.batches())  # the stream the client below draws
+    # the client resumes a personal v and an α of an earlier round (v is not the global model)
+    state = {APFL_PERSONAL: state_of(v0), ALPHA: alpha}
+    client = make_client(tiny_unet(), state=state, round=2, **work)
+    get_method("apfl")(alpha_lr=alpha_lr, alpha_reg=alpha_reg).local_update(client)
+    w, v, a, proposals = _apfl_by_hand(
+        tiny_unet(), copy.deepcopy(v0), alpha, batches, lr, alpha_lr, alpha_reg, reference.loss
+    )
+    got_w, got_v = state_of(client.model), client.state[APFL_PERSONAL]
+    for k in w:
+        torch.testing.assert_close(got_w[k], w[k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(got_v[k], v[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert client.state[ALPHA] == pytest.approx(a, abs=1e-6)
+    if bound is None:  # never clipped, and the step is far from zero
+        assert all(0 < p < 1 for p in proposals) and abs(a - alpha) > 1e-3
+    else:  # the first step leaves [0, 1] through this bound and is clipped to it
+        assert (proposals[0] > 1) if bound == 1.0 else (proposals[0] < 0)
+        assert client.state[ALPHA] == pytest.approx(a, abs=1e-6) and 0.0 <= a <= 1.0
+    # v starts from the state's v: from the global model it ends elsewhere
+    _, v_from_w, _, _ = _apfl_by_hand(
+        tiny_unet(), tiny_unet(), alpha, batches, lr, alpha_lr, alpha_reg, reference.loss
+    )
+    assert _dist(floating(v_from_w), floating(v)) > 1e-3
+
+
+def _apfl_round_two(state: dict, w: nn.Module) -> tuple[dict, dict]:
+    """One step of round 2 from a copy of ``state``: w's and v's states after it."""
+    state, w = copy.deepcopy(state), copy.deepcopy(w)
+    client = make_client(w, state=state, round=2, persist_optimizer=True, epochs=None, steps=1)
+    get_method("apfl")().local_update(client)
+    return state_of(w), state[APFL_PERSONAL]
+
+
+def test_apfl_keeps_the_optimizer_states_of_w_and_v_apart():
+    """Under optimizer_state: persist, w's Adam state is key "main" (FedAvg's: w's trajectory
+    stays FedAvg's over rounds) and v's is its own, "personal"; each resumes its own state."""
+    state, avg_state = {}, {}
+    w, avg = tiny_unet(), tiny_unet()
+    for rnd in (1, 2):
+        client = make_client(w, state=state, round=rnd, persist_optimizer=True)
+        get_method("apfl")().local_update(client)
+        fedavg = make_client(avg, state=avg_state, round=rnd, persist_optimizer=True)
+        fedavg.fit()
+    assert set(state) == {"_optimizer/main", "_optimizer/personal", APFL_PERSONAL, ALPHA}
+    batches = 2 * -(-len(fedavg.train_data) // 4)  # two rounds of one epoch, batch 4
+    for key in ("main", "personal"):
+        steps = {int(s["step"]) for s in state[f"_optimizer/{key}"]["state"].values()}
+        assert steps == {batches}, key
+    for k, v in state_of(avg).items():
+        assert torch.equal(state_of(w)[k], v), k
+    # one step of a next round: v's step reads only v's Adam moments, w's only w's (v's first
+    # mixture uses w's output before w's step, so neither depends on the other's optimizer)
+    w_base, v_base = _apfl_round_two(state, w)
+    for key, same, moved in (("main", v_base, w_base), ("personal", w_base, v_base)):
+        other = copy.deepcopy(state)
+        for s in other[f"_optimizer/{key}"]["state"].values():
+            s["exp_avg"].mul_(-5.0)
+        got_w, got_v = _apfl_round_two(other, w)
+        got_same, got_moved = (got_v, got_w) if key == "main" else (got_w, got_v)
+        for k in same:
+            assert torch.equal(got_same[k], same[k]), (key, k)
+        assert not torch.equal(got_moved["head.weight"], moved["head.weight"]), key
+
+
+def test_apfl_names_where_a_step_diverged():
+    from pflbench.training import Diverged
+
+    bad = tiny_unet()
+    with torch.no_grad():
+        bad.head.bias.fill_(float("nan"))
+    client = make_client(bad, round=3)
+    with pytest.raises(
+        Diverged, match=r"^non-finite loss \(nan\) in client site0 round 3 \(apfl\)$"
+    ):
+        get_method("apfl")().local_update(client)
+    client = make_client(tiny_unet(), state={APFL_PERSONAL: state_of(bad), ALPHA: 0.5}, round=3)
+    with pytest.raises(
+        Diverged, match=r"^non-finite loss \(nan\) in client site0 round 3 \(apfl\) personal$"
+    ):
+        get_method("apfl")().local_update(client)
+
+
+# Ditto, from its update rule (tests written from the surviving mutants of issue 22) ---------------
+
+
+def _sgd_by_hand(model, batches, lr, loss, anchor=None, lam=0.0):
+    """Plain SGD on f(θ) (+ λ/2‖θ − anchor‖² when an anchor is given), in train mode."""
+    model.train()
+    params = dict(model.named_parameters())
+    for x, y in batches:
+        grads = torch.autograd.grad(loss(model(x), y), list(params.values()))
+        with torch.no_grad():
+            for (n, p), g in zip(params.items(), grads, strict=True):
+                pull = lam * (p - anchor[n]) if anchor is not None else 0.0
+                p.sub_(lr * (g + pull))
+    return state_of(model)
+
+
+@pytest.mark.parametrize("personal_epochs", [None, 2])
+def test_ditto_local_round_is_fedavgs_step_then_the_hand_computed_proximal_steps_of_v(
+    personal_epochs,
+):
+    lam, lr = 4.0, 0.05  # λ·η = 0.2: the pull is a large part of every step of v
+    work = {"epochs": 1, "lr": lr, **SGD}
+    v0 = tiny_unet(7)  # a personal model of an earlier round, not the global model
+    reference = make_client(tiny_unet(), round=2, **work)
+    w_batches = list(reference.batches())
+    v_batches = list(reference.batches(epochs=personal_epochs))
+    client = make_client(tiny_unet(), state={DITTO_PERSONAL: state_of(v0)}, round=2, **work)
+    get_method("ditto")(lam=lam, personal_epochs=personal_epochs).local_update(client)
+    anchor = _params(tiny_unet())  # the round-start global model
+    w = _sgd_by_hand(tiny_unet(), w_batches, lr, reference.loss)
+    v = _sgd_by_hand(copy.deepcopy(v0), v_batches, lr, reference.loss, anchor, lam)
+    got_w, got_v = state_of(client.model), client.state[DITTO_PERSONAL]
+    for k in w:
+        torch.testing.assert_close(got_w[k], w[k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(got_v[k], v[k], rtol=1e-5, atol=1e-6, msg=k)
+    # v's budget: the suite's (one epoch) or personal_epochs
+    assert len(v_batches) == len(w_batches) * (personal_epochs or 1)
+    # the tolerance is far below what the anchor, λ and v's start change
+    v_at_w = _sgd_by_hand(tiny_unet(), v_batches, lr, reference.loss, anchor, lam)
+    v_at_update = _sgd_by_hand(copy.deepcopy(v0), v_batches, lr, reference.loss, _params_of(w), lam)
+    v_no_pull = _sgd_by_hand(copy.deepcopy(v0), v_batches, lr, reference.loss)
+    for other in (v_at_w, v_at_update, v_no_pull):
+        assert _dist(floating(other), floating(v)) > 1e-3
+
+
+def _params_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    names = {n for n, _ in tiny_unet().named_parameters()}
+    return {k: v for k, v in state.items() if k in names}
+
+
+def test_ditto_keeps_the_optimizer_states_of_w_and_v_apart():
+    """Under optimizer_state: persist, w's Adam state is FedAvg's ("main") and vᵢ's its own
+    ("personal"); each resumes the next round."""
+    state = {}
+    w = tiny_unet()
+    for rnd in (1, 2):
+        client = make_client(w, state=state, round=rnd, persist_optimizer=True)
+        get_method("ditto")().local_update(client)
+    assert set(state) == {"_optimizer/main", "_optimizer/personal", DITTO_PERSONAL}
+    batches = 2 * -(-len(client.train_data) // 4)  # two rounds of one epoch, batch 4
+    for key in ("main", "personal"):
+        steps = {int(s["step"]) for s in state[f"_optimizer/{key}"]["state"].values()}
+        assert steps == {batches}, key
+
+
+def test_ditto_records_personal_epochs_as_a_deviation_only_when_set():
+    default = get_method("ditto")()
+    assert default.active_deviations() == list(default.deviations)
+    set_apart = get_method("ditto")(personal_epochs=3).active_deviations()
+    assert set_apart[:-1] == list(default.deviations)
+    assert set_apart[-1].startswith("personal_epochs = 3: vᵢ's budget is set apart from the ")
+    assert set_apart[-1].endswith("(paper and official code: the same budget as w)")
