@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pandas as pd
 import pytest
@@ -19,7 +20,7 @@ from method_helpers import (
 from torch import nn
 
 import pflbench.methods.ditto as ditto_module
-from pflbench.client import Budget
+from pflbench.client import Budget, Client, LocalWork
 from pflbench.messages import Message
 from pflbench.methods._common import proximal_term
 from pflbench.methods.apfl import ALPHA
@@ -677,3 +678,248 @@ def test_ditto_records_personal_epochs_as_a_deviation_only_when_set():
     assert set_apart[:-1] == list(default.deviations)
     assert set_apart[-1].startswith("personal_epochs = 3: vᵢ's budget is set apart from the ")
     assert set_apart[-1].endswith("(paper and official code: the same budget as w)")
+
+
+# FedRoD, from its update rule (tests written from the surviving mutants of issue 22) --------------
+
+
+def _fedrod_by_hand(model, personal, batches, lr, loss, labels):
+    """FedRoD's local round from its definition, plain SGD: per batch f = body(x), g = head(f);
+    body and generic head step on the balanced loss f(g + log(π₁/π₀)) (π: the add-one smoothed
+    background/foreground pixel frequencies of the client's training labels); the personal head
+    p steps on f(g.detach() + p(f.detach())), g and f from before the body's step."""
+    fg = int((labels > 0).sum())
+    shift = float(
+        torch.log(torch.tensor((fg + 1) / (labels.numel() - fg + 1), dtype=torch.float64))
+    )
+    model.train()
+    personal.train()
+    body, heads = list(model.parameters()), list(personal.parameters())
+    for x, y in batches:
+        f = model.feature_forward(x)
+        g = model.head(f)
+        grads = torch.autograd.grad(loss(g + shift, y), body)
+        p_grads = torch.autograd.grad(loss(g.detach() + personal(f.detach()), y), heads)
+        with torch.no_grad():
+            for p, gr in zip(body + heads, grads + p_grads, strict=True):
+                p.sub_(lr * gr)
+    return state_of(model), state_of(personal)
+
+
+def _client_on_labels(model: nn.Module, label: int, state: dict, **work) -> Client:
+    """A lone client over site 0 whose foreground is labelled ``label`` (a one-logit head
+    treats every label > 0 as foreground)."""
+    base = make_client(tiny_unet())
+    site = dataclasses.replace(base.train_data, labels=base.train_data.labels * label)
+    full = {**dataclasses.asdict(base.work), **work}
+    return Client(
+        "site0",
+        model,
+        state,
+        site,
+        LocalWork(**full),
+        round=2,
+        seed=0,
+        device=torch.device("cpu"),
+        budget=Budget(),
+    )
+
+
+@pytest.mark.parametrize("stored, label", [(False, 1), (True, 1), (True, 2)])
+def test_fedrod_local_round_is_the_hand_computed_update_of_body_and_both_heads(stored, label):
+    lr = 0.1
+    work = {"epochs": 2, "lr": lr, **SGD}
+    start = nn.Conv2d(tiny_unet().feature_channels, 1, 1)  # a personal head of an earlier round
+    reference = _client_on_labels(tiny_unet(), label, {}, **work)
+    batches = list(reference.batches())
+    state = {PERSONAL_HEAD: state_of(start)} if stored else {}
+    client = _client_on_labels(tiny_unet(), label, state, **work)
+    get_method("fedrod")().local_update(client)
+    personal = copy.deepcopy(start)
+    if not stored:  # the first round's personal head is zero: its prediction is the generic one
+        with torch.no_grad():
+            for p in personal.parameters():
+                p.zero_()
+    model, head = _fedrod_by_hand(
+        tiny_unet(), personal, batches, lr, reference.loss, reference.train_data.labels
+    )
+    got = state_of(client.model)
+    for k in model:
+        torch.testing.assert_close(got[k], model[k], rtol=1e-5, atol=1e-6, msg=k)
+    for k in head:
+        torch.testing.assert_close(client.state[PERSONAL_HEAD][k], head[k], rtol=1e-5, atol=1e-6)
+    # the tolerance is far below what the balanced loss changes: the plain loss lands elsewhere
+    unbalanced = _client_on_labels(tiny_unet(), label, {}, **work)
+    unbalanced.fit()
+    assert _dist(floating(state_of(unbalanced.model)), floating(model)) > 1e-3
+
+
+def test_fedrod_keeps_the_optimizer_states_of_model_and_personal_head_apart():
+    state = {}
+    model = tiny_unet()
+    for rnd in (1, 2):
+        client = make_client(model, state=state, round=rnd, persist_optimizer=True)
+        get_method("fedrod")().local_update(client)
+    assert set(state) == {"_optimizer/main", "_optimizer/personal", PERSONAL_HEAD}
+    batches = 2 * -(-len(client.train_data) // 4)  # two rounds of one epoch, batch 4
+    sizes = {"main": len(list(model.parameters())), "personal": 2}  # the head: weight, bias
+    for key, n in sizes.items():
+        saved = state[f"_optimizer/{key}"]["state"]
+        assert len(saved) == n and {int(s["step"]) for s in saved.values()} == {batches}, key
+
+
+class _NoFeatures(nn.Module):
+    head_path = "head"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(1, 1, 1)
+
+
+class _NoHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(1, 1, 1)
+
+    def feature_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_fedrod_refuses_a_model_without_features_or_head_by_name():
+    from pflbench.partition import PartitionError
+
+    method = get_method("fedrod")()
+    with pytest.raises(
+        TypeError,
+        match=r"^fedrod: model _NoFeatures has no feature_forward\(x\); FedRoD needs the body "
+        r"features to attach its personal head$",
+    ):
+        method.setup(make_client(_NoFeatures()))
+    with pytest.raises(
+        PartitionError, match=r"^fedrod: model _NoHead declares no 'head_path'; fedrod "
+    ):
+        method.setup(make_client(_NoHead()))
+
+
+def test_fedrod_names_where_a_step_diverged():
+    from pflbench.training import Diverged
+
+    bad = tiny_unet()
+    with torch.no_grad():
+        bad.head.bias.fill_(float("nan"))
+    client = make_client(bad, round=3)
+    with pytest.raises(
+        Diverged, match=r"^non-finite loss \(nan\) in client site0 round 3 \(fedrod\)$"
+    ):
+        get_method("fedrod")().local_update(client)
+    head = nn.Conv2d(tiny_unet().feature_channels, 1, 1)
+    with torch.no_grad():
+        head.bias.fill_(float("nan"))
+    client = make_client(tiny_unet(), state={PERSONAL_HEAD: state_of(head)}, round=3)
+    with pytest.raises(
+        Diverged, match=r"^non-finite loss \(nan\) in client site0 round 3 \(fedrod\) personal$"
+    ):
+        get_method("fedrod")().local_update(client)
+
+
+# FedALA, from its update rule (tests written from the surviving mutants of issue 22) --------------
+
+
+def _ala_by_hand(client, glob, top, weights, eta, s, epochs_rule):
+    """FedALA's adaptive local aggregation from its definition, on ``client`` (a twin of the
+    client under test, with the same generator streams): a random s % (at least 2) of the
+    training images; a copy of the local model with every parameter ← w except the top ones,
+    θ̂ = θ + (w − θ) ⊙ W there; per batch W ← clip(W − η ∇_θ̂ f ⊙ (w − θ), 0, 1); epochs until
+    ``epochs_rule(epoch mean losses)`` says stop. Returns W, the blended top, the epoch count."""
+    data = client.train_data
+    n = len(data)
+    m = min(n, max(2, int(s / 100 * n)))
+    idx = torch.randperm(n, generator=client.generator("ala-sample"))[:m].sort().values
+    subset = type(data)(
+        name=data.name,
+        images=data.images[idx],
+        labels=data.labels[idx],
+        case_ids=[data.case_ids[i] for i in idx.tolist()],
+    )
+    local = {k: v.clone() for k, v in client.model.state_dict().items()}
+    tmp = copy.deepcopy(client.model)
+    params = dict(tmp.named_parameters())
+    weights = {k: w.clone() for k, w in weights.items()}
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(local[k] + (glob[k] - local[k]) * weights[k] if k in top else glob[k])
+    tmp.train()
+    losses = []
+    while True:
+        epoch = []
+        for x, y in client.batches("ala", epochs=1, data=subset):
+            loss = client.loss(tmp(x), y)
+            grads = torch.autograd.grad(loss, [params[k] for k in top])
+            with torch.no_grad():
+                for k, g in zip(top, grads, strict=True):
+                    diff = glob[k] - local[k]
+                    weights[k] = (weights[k] - eta * g * diff).clamp(0, 1)
+                    params[k].copy_(local[k] + diff * weights[k])
+            epoch.append(float(loss.detach()))
+        losses.append(sum(epoch) / len(epoch))
+        if epochs_rule(losses):
+            break
+    blended = {k: local[k] + (glob[k] - local[k]) * weights[k] for k in top}
+    return weights, blended, len(losses), m
+
+
+def _settled(window: int, threshold: float, most: int):
+    """The first ALA's stopping rule: more than ``window`` epochs and the std of the last
+    ``window`` epoch losses below ``threshold``, or ``most`` epochs."""
+
+    def rule(losses: list[float]) -> bool:
+        last = torch.tensor(losses[-window:], dtype=torch.float64)
+        settled = len(losses) > window and float(last.std(unbiased=False)) < threshold
+        return settled or len(losses) >= most
+
+    return rule
+
+
+@pytest.mark.parametrize(
+    "first, window, threshold, most, s, p",
+    [
+        (False, 10, 0.1, 20, 80.0, 2),  # a later round: one epoch, W resumed from the state
+        (True, 3, 1e9, 20, 80.0, 2),  # settled at once: window + 1 epochs
+        (True, 2, 0.0, 5, 50.0, 0),  # never settles: max_first_epochs; all tensors, half the data
+    ],
+)
+def test_fedala_receive_is_the_hand_computed_adaptive_local_aggregation(
+    first, window, threshold, most, s, p
+):
+    eta = 5.0
+    hp = {"window": window, "threshold": threshold, "max_first_epochs": most, "s": s}
+    budget = Budget()
+    method, client, glob, message = _ala_setup(budget, eta=eta, p=p, **hp)
+    _, twin, _, _ = _ala_setup(Budget(), eta=eta, p=p, **hp)
+    top = ala_tensors(client.model, p)
+    start = {k: torch.rand_like(glob[k]) for k in top}  # W of an earlier round
+    if not first:
+        client.state.update({WEIGHTS: {k: w.clone() for k, w in start.items()}, STARTED: True})
+    local = state_of(client.model)
+    method.receive(client, message)
+    ones = {k: torch.ones_like(glob[k]) for k in top}
+    rule = (lambda losses: True) if not first else _settled(window, threshold, most)
+    weights, blended, epochs, m = _ala_by_hand(
+        twin, glob, top, ones if first else start, eta, s, rule
+    )
+    assert epochs == (1 if not first else window + 1 if threshold > 1 else most)
+    assert budget.samples["ala"] == epochs * m
+    after = state_of(client.model)
+    params = {n for n, _ in client.model.named_parameters()}
+    for k in after:
+        if k in top:
+            torch.testing.assert_close(client.state[WEIGHTS][k], weights[k], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(after[k], blended[k], rtol=1e-5, atol=1e-6, msg=k)
+        elif k in params:
+            assert torch.equal(after[k], glob[k]), k
+        else:
+            assert torch.equal(after[k], local[k]), k  # BN statistics: never blended
+    assert client.state[STARTED] is True
+    # the weights moved away from where they started, and not to the clipping bounds only
+    moved = torch.cat([(weights[k] - (ones if first else start)[k]).flatten() for k in top])
+    assert moved.abs().max() > 1e-3
