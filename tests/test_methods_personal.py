@@ -923,3 +923,30 @@ def test_fedala_receive_is_the_hand_computed_adaptive_local_aggregation(
     # the weights moved away from where they started, and not to the clipping bounds only
     moved = torch.cat([(weights[k] - (ones if first else start)[k]).flatten() for k in top])
     assert moved.abs().max() > 1e-3
+
+
+def test_fedrod_prior_counts_every_class_and_any_label_above_zero_as_foreground():
+    # one logit: labels 2 are foreground too; two classes even when a class never occurs
+    labels = torch.zeros(2, 3, 5, dtype=torch.long)
+    labels[0, 0, :4] = 2
+    prior = log_prior(labels, 1)
+    assert torch.allclose(prior.exp(), torch.tensor([26.0 + 1, 4 + 1], dtype=torch.float64) / 32)
+    empty = log_prior(torch.zeros(1, 2, 2, dtype=torch.long), 1)
+    assert torch.allclose(empty.exp(), torch.tensor([5.0, 1.0], dtype=torch.float64) / 6)
+    absent = log_prior(torch.tensor([[[0, 1], [1, 1]]]), 3)  # class 2 absent: add-one count 1
+    assert torch.allclose(absent.exp(), torch.tensor([2.0, 4.0, 1.0], dtype=torch.float64) / 7)
+
+
+def test_fedrod_balanced_loss_shifts_each_class_logit_by_its_log_prior():
+    """Balanced softmax for C classes: logit c + log π_c, on the channel axis only (shape
+    N×C×H×W with H, W ≠ C, so a shift on another axis cannot pass)."""
+    labels = torch.tensor([[[0, 1, 2, 2, 0], [1, 1, 0, 2, 2], [0, 0, 0, 1, 2], [2, 2, 1, 0, 0]]])
+    labels = labels.expand(2, 4, 5).clone()
+    prior = log_prior(labels, 3)
+    logits = torch.randn(2, 3, 4, 5)
+    by_hand = logits.clone()
+    for c in range(3):
+        by_hand[:, c] += float(prior[c])
+    expected = segmentation_loss(by_hand, labels)
+    assert torch.allclose(balanced_loss(logits, labels, prior, segmentation_loss), expected)
+    assert not torch.allclose(expected, segmentation_loss(logits, labels))
