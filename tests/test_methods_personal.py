@@ -885,7 +885,9 @@ def _settled(window: int, threshold: float, most: int):
     [
         (False, 10, 0.1, 20, 80.0, 2),  # a later round: one epoch, W resumed from the state
         (True, 3, 1e9, 20, 80.0, 2),  # settled at once: window + 1 epochs
-        (True, 2, 0.0, 5, 50.0, 0),  # never settles: max_first_epochs; all tensors, half the data
+        # never settles (the last 2 epoch losses differ by more than 1e-12): max_first_epochs;
+        # all tensors; 5 % of 10 images is below the floor of 2
+        (True, 2, 1e-12, 5, 5.0, 0),
     ],
 )
 def test_fedala_receive_is_the_hand_computed_adaptive_local_aggregation(
@@ -894,8 +896,16 @@ def test_fedala_receive_is_the_hand_computed_adaptive_local_aggregation(
     eta = 5.0
     hp = {"window": window, "threshold": threshold, "max_first_epochs": most, "s": s}
     budget = Budget()
-    method, client, glob, message = _ala_setup(budget, eta=eta, p=p, **hp)
-    _, twin, _, _ = _ala_setup(Budget(), eta=eta, p=p, **hp)
+    method = get_method("fedala")(eta=eta, p=p, **hp)
+    # the suite trains 2 epochs: an ALA epoch is still one pass over the subset
+    client, twin = (
+        make_client(tiny_unet(0), budget=b, lr=3e-2, epochs=2) for b in (budget, Budget())
+    )
+    client.fit()  # local training: the local model now differs from the global one
+    twin.fit()
+    glob = state_of(tiny_unet(1))
+    message = Message(entries=floating(glob))
+    budget.samples.clear()
     top = ala_tensors(client.model, p)
     start = {k: torch.rand_like(glob[k]) for k in top}  # W of an earlier round
     if not first:
@@ -908,6 +918,7 @@ def test_fedala_receive_is_the_hand_computed_adaptive_local_aggregation(
         twin, glob, top, ones if first else start, eta, s, rule
     )
     assert epochs == (1 if not first else window + 1 if threshold > 1 else most)
+    assert m == max(2, int(s / 100 * len(client.train_data)))
     assert budget.samples["ala"] == epochs * m
     after = state_of(client.model)
     params = {n for n, _ in client.model.named_parameters()}
@@ -950,3 +961,14 @@ def test_fedrod_balanced_loss_shifts_each_class_logit_by_its_log_prior():
     expected = segmentation_loss(by_hand, labels)
     assert torch.allclose(balanced_loss(logits, labels, prior, segmentation_loss), expected)
     assert not torch.allclose(expected, segmentation_loss(logits, labels))
+
+
+def test_fedala_names_where_its_weight_learning_diverged():
+    from pflbench.training import Diverged
+
+    method, client, glob, _ = _ala_setup(Budget())
+    glob["head.bias"] = torch.full_like(glob["head.bias"], float("nan"))
+    with pytest.raises(
+        Diverged, match=r"^non-finite loss \(nan\) in client site0 round 1 \(ala\)$"
+    ):
+        method.receive(client, Message(entries=floating(glob)))
