@@ -468,3 +468,62 @@ def test_a_non_finite_step_names_where_it_happened():
     loss = model(torch.ones(1, 1)).sum() * float("nan")
     with pytest.raises(Diverged, match=r"^non-finite loss \(nan\) in client site3 round 2$"):
         step(opt, loss, "client site3 round 2")
+
+
+# LG-FedAvg, direct (tests written from the surviving mutants of issue 22) -------------------------
+
+
+@pytest.mark.parametrize("local, private", [("encoder", "encoder."), ("body", None)])
+def test_lgfedavg_partition_is_exactly_the_declared_split(local, private):
+    """Every entry is listed: shared (True) exactly outside the private part, the encoder
+    (paper) or everything but the head (PFLlib's reading)."""
+    model = tiny_unet()
+    method = get_method("lgfedavg")(local=local)
+    part = method.partition(model)
+    rule = (lambda k: not k.startswith(private)) if private else (lambda k: k.startswith("head."))
+    # integer buffers (num_batches_tracked) are local under every method
+    shared = {k: v.is_floating_point() and rule(k) for k, v in model.state_dict().items()}
+    assert part == shared
+    assert any(shared.values()) and not all(shared.values())
+    assert method.setup(make_client(tiny_unet())) is None
+
+
+class _EmptyEncoder(nn.Module):
+    encoder_path = "encoder"
+    head_path = "head"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Identity()
+        self.head = nn.Conv2d(1, 1, 1)
+
+
+class _HeadOnly(nn.Module):
+    head_path = "head"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(1, 1, 1)
+
+
+def test_lgfedavg_refuses_an_empty_private_part_by_name():
+    with pytest.raises(
+        PartitionError,
+        match=r"^lgfedavg: the personal part \(encoder at 'encoder'\) of model _EmptyEncoder is "
+        r"empty, so lgfedavg would silently be FedAvg",
+    ):
+        get_method("lgfedavg")().partition(_EmptyEncoder())
+    with pytest.raises(
+        PartitionError,
+        match=r"^lgfedavg: the personal part \(everything but the head at 'head'\) of model "
+        r"_HeadOnly is empty",
+    ):
+        get_method("lgfedavg")(local="body").partition(_HeadOnly())
+    with pytest.raises(
+        PartitionError, match=r"^lgfedavg: model _NoHeadPath declares no 'head_path'"
+    ):
+        get_method("lgfedavg")(local="body").partition(_NoHeadPath())
+    with pytest.raises(
+        PartitionError, match=r"^lgfedavg: model _HeadOnly declares no 'encoder_path'"
+    ):
+        get_method("lgfedavg")().setup(make_client(_HeadOnly()))

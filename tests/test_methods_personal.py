@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+
 import pandas as pd
 import pytest
 import torch
@@ -17,7 +20,7 @@ from method_helpers import (
 from torch import nn
 
 import pflbench.methods.ditto as ditto_module
-from pflbench.client import Budget
+from pflbench.client import Budget, Client, LocalWork
 from pflbench.messages import Message
 from pflbench.methods._common import proximal_term
 from pflbench.methods.apfl import ALPHA
@@ -470,3 +473,502 @@ def test_fedavg_ft_with_one_step_fine_tunes_once_and_local_shares_nothing():
     assert torch.equal(client.model.state_dict()["head.weight"], before["head.weight"])
     part = get_method("local")().partition(client.model)
     assert set(part) == set(before) and not any(part.values())
+
+
+# APFL, from its update rule (tests written from the surviving mutants of issue 22) ----------------
+
+
+def _apfl_by_hand(w, v, alpha, batches, lr, alpha_lr, alpha_reg, loss):
+    """APFL's local round from its definition, plain SGD: per batch w ← w − η∇f(w(x));
+    v ← v − η∇ᵥ f(α·v(x) + (1 − α)·w(x)), w(x) the output before w's step; and
+    α ← clip(α − η_α(∂f/∂α + c·α), 0, 1). Returns w, v, α and the unclipped α proposals."""
+    w.train()
+    v.train()
+    proposals = []
+    for x, y in batches:
+        out_w = w(x)
+        grads = torch.autograd.grad(loss(out_w, y), list(w.parameters()))
+        with torch.no_grad():
+            for p, g in zip(w.parameters(), grads, strict=True):
+                p.sub_(lr * g)
+        a = torch.tensor(alpha, requires_grad=True)
+        f = loss(a * v(x) + (1 - a) * out_w.detach(), y)
+        *g_v, g_a = torch.autograd.grad(f, [*v.parameters(), a])
+        with torch.no_grad():
+            for p, g in zip(v.parameters(), g_v, strict=True):
+                p.sub_(lr * g)
+        proposals.append(alpha - alpha_lr * (float(g_a) + alpha_reg * alpha))
+        alpha = min(1.0, max(0.0, proposals[-1]))
+    return state_of(w), state_of(v), alpha, proposals
+
+
+def _trained_unet(seed: int) -> nn.Module:
+    """A model fitted to site 0 (a personal model clearly better than a fresh global one)."""
+    client = make_client(tiny_unet(seed), lr=5e-2, epochs=4)
+    client.fit()
+    return client.model
+
+
+@pytest.mark.parametrize(
+    "alpha, alpha_lr, alpha_reg, v_kind, bound",
+    [
+        (0.4, 0.5, 0.3, "random", None),  # inside (0, 1): every term of the α step counts
+        (0.6, 1e4, 0.0, "trained", 1.0),  # v is better: ∂f/∂α < 0, the huge step clips at 1
+        (0.3, 1e4, 50.0, "random", 0.0),  # c·α dominates: clipped at 0
+    ],
+)
+def test_apfl_local_round_is_the_hand_computed_update_of_w_v_and_alpha(
+    alpha, alpha_lr, alpha_reg, v_kind, bound
+):
+    lr = 0.05
+    work = {"epochs": None, "steps": 3, "lr": lr, **SGD}
+    v0 = tiny_unet(7) if v_kind == "random" else _trained_unet(7)
+    reference = make_client(tiny_unet(), round=2, **work)
+    batches = list(reference.batches())  # the stream the client below draws
+    # the client resumes a personal v and an α of an earlier round (v is not the global model)
+    state = {APFL_PERSONAL: state_of(v0), ALPHA: alpha}
+    client = make_client(tiny_unet(), state=state, round=2, **work)
+    get_method("apfl")(alpha_lr=alpha_lr, alpha_reg=alpha_reg).local_update(client)
+    w, v, a, proposals = _apfl_by_hand(
+        tiny_unet(), copy.deepcopy(v0), alpha, batches, lr, alpha_lr, alpha_reg, reference.loss
+    )
+    got_w, got_v = state_of(client.model), client.state[APFL_PERSONAL]
+    for k in w:
+        torch.testing.assert_close(got_w[k], w[k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(got_v[k], v[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert client.state[ALPHA] == pytest.approx(a, abs=1e-6)
+    if bound is None:  # never clipped, and the step is far from zero
+        assert all(0 < p < 1 for p in proposals) and abs(a - alpha) > 1e-3
+    else:  # the first step leaves [0, 1] through this bound and is clipped to it
+        assert (proposals[0] > 1) if bound == 1.0 else (proposals[0] < 0)
+        assert client.state[ALPHA] == pytest.approx(a, abs=1e-6) and 0.0 <= a <= 1.0
+    # v starts from the state's v: from the global model it ends elsewhere
+    _, v_from_w, _, _ = _apfl_by_hand(
+        tiny_unet(), tiny_unet(), alpha, batches, lr, alpha_lr, alpha_reg, reference.loss
+    )
+    assert _dist(floating(v_from_w), floating(v)) > 1e-3
+
+
+def _apfl_round_two(state: dict, w: nn.Module) -> tuple[dict, dict]:
+    """One step of round 2 from a copy of ``state``: w's and v's states after it."""
+    state, w = copy.deepcopy(state), copy.deepcopy(w)
+    client = make_client(w, state=state, round=2, persist_optimizer=True, epochs=None, steps=1)
+    get_method("apfl")().local_update(client)
+    return state_of(w), state[APFL_PERSONAL]
+
+
+def test_apfl_keeps_the_optimizer_states_of_w_and_v_apart():
+    """Under optimizer_state: persist, w's Adam state is key "main" (FedAvg's: w's trajectory
+    stays FedAvg's over rounds) and v's is its own, "personal"; each resumes its own state."""
+    state, avg_state = {}, {}
+    w, avg = tiny_unet(), tiny_unet()
+    for rnd in (1, 2):
+        client = make_client(w, state=state, round=rnd, persist_optimizer=True)
+        get_method("apfl")().local_update(client)
+        fedavg = make_client(avg, state=avg_state, round=rnd, persist_optimizer=True)
+        fedavg.fit()
+    assert set(state) == {"_optimizer/main", "_optimizer/personal", APFL_PERSONAL, ALPHA}
+    batches = 2 * -(-len(fedavg.train_data) // 4)  # two rounds of one epoch, batch 4
+    for key in ("main", "personal"):
+        steps = {int(s["step"]) for s in state[f"_optimizer/{key}"]["state"].values()}
+        assert steps == {batches}, key
+    for k, v in state_of(avg).items():
+        assert torch.equal(state_of(w)[k], v), k
+    # one step of a next round: v's step reads only v's Adam moments, w's only w's (v's first
+    # mixture uses w's output before w's step, so neither depends on the other's optimizer)
+    w_base, v_base = _apfl_round_two(state, w)
+    for key, same, moved in (("main", v_base, w_base), ("personal", w_base, v_base)):
+        other = copy.deepcopy(state)
+        for s in other[f"_optimizer/{key}"]["state"].values():
+            s["exp_avg"].mul_(-5.0)
+        got_w, got_v = _apfl_round_two(other, w)
+        got_same, got_moved = (got_v, got_w) if key == "main" else (got_w, got_v)
+        for k in same:
+            assert torch.equal(got_same[k], same[k]), (key, k)
+        assert not torch.equal(got_moved["head.weight"], moved["head.weight"]), key
+
+
+def test_apfl_names_where_a_step_diverged():
+    from pflbench.training import Diverged
+
+    bad = tiny_unet()
+    with torch.no_grad():
+        bad.head.bias.fill_(float("nan"))
+    client = make_client(bad, round=3)
+    with pytest.raises(
+        Diverged, match=r"^non-finite loss \(nan\) in client site0 round 3 \(apfl\)$"
+    ):
+        get_method("apfl")().local_update(client)
+    client = make_client(tiny_unet(), state={APFL_PERSONAL: state_of(bad), ALPHA: 0.5}, round=3)
+    with pytest.raises(
+        Diverged, match=r"^non-finite loss \(nan\) in client site0 round 3 \(apfl\) personal$"
+    ):
+        get_method("apfl")().local_update(client)
+
+
+# Ditto, from its update rule (tests written from the surviving mutants of issue 22) ---------------
+
+
+def _sgd_by_hand(model, batches, lr, loss, anchor=None, lam=0.0):
+    """Plain SGD on f(θ) (+ λ/2‖θ − anchor‖² when an anchor is given), in train mode."""
+    model.train()
+    params = dict(model.named_parameters())
+    for x, y in batches:
+        grads = torch.autograd.grad(loss(model(x), y), list(params.values()))
+        with torch.no_grad():
+            for (n, p), g in zip(params.items(), grads, strict=True):
+                pull = lam * (p - anchor[n]) if anchor is not None else 0.0
+                p.sub_(lr * (g + pull))
+    return state_of(model)
+
+
+@pytest.mark.parametrize("personal_epochs", [None, 2])
+def test_ditto_local_round_is_fedavgs_step_then_the_hand_computed_proximal_steps_of_v(
+    personal_epochs,
+):
+    lam, lr = 4.0, 0.05  # λ·η = 0.2: the pull is a large part of every step of v
+    work = {"epochs": 1, "lr": lr, **SGD}
+    v0 = tiny_unet(7)  # a personal model of an earlier round, not the global model
+    reference = make_client(tiny_unet(), round=2, **work)
+    w_batches = list(reference.batches())
+    v_batches = list(reference.batches(epochs=personal_epochs))
+    client = make_client(tiny_unet(), state={DITTO_PERSONAL: state_of(v0)}, round=2, **work)
+    get_method("ditto")(lam=lam, personal_epochs=personal_epochs).local_update(client)
+    anchor = _params(tiny_unet())  # the round-start global model
+    w = _sgd_by_hand(tiny_unet(), w_batches, lr, reference.loss)
+    v = _sgd_by_hand(copy.deepcopy(v0), v_batches, lr, reference.loss, anchor, lam)
+    got_w, got_v = state_of(client.model), client.state[DITTO_PERSONAL]
+    for k in w:
+        torch.testing.assert_close(got_w[k], w[k], rtol=1e-5, atol=1e-6, msg=k)
+        torch.testing.assert_close(got_v[k], v[k], rtol=1e-5, atol=1e-6, msg=k)
+    # v's budget: the suite's (one epoch) or personal_epochs
+    assert len(v_batches) == len(w_batches) * (personal_epochs or 1)
+    # the tolerance is far below what the anchor, λ and v's start change
+    v_at_w = _sgd_by_hand(tiny_unet(), v_batches, lr, reference.loss, anchor, lam)
+    v_at_update = _sgd_by_hand(copy.deepcopy(v0), v_batches, lr, reference.loss, _params_of(w), lam)
+    v_no_pull = _sgd_by_hand(copy.deepcopy(v0), v_batches, lr, reference.loss)
+    for other in (v_at_w, v_at_update, v_no_pull):
+        assert _dist(floating(other), floating(v)) > 1e-3
+
+
+def _params_of(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    names = {n for n, _ in tiny_unet().named_parameters()}
+    return {k: v for k, v in state.items() if k in names}
+
+
+def test_ditto_keeps_the_optimizer_states_of_w_and_v_apart():
+    """Under optimizer_state: persist, w's Adam state is FedAvg's ("main") and vᵢ's its own
+    ("personal"); each resumes the next round."""
+    state = {}
+    w = tiny_unet()
+    for rnd in (1, 2):
+        client = make_client(w, state=state, round=rnd, persist_optimizer=True)
+        get_method("ditto")().local_update(client)
+    assert set(state) == {"_optimizer/main", "_optimizer/personal", DITTO_PERSONAL}
+    batches = 2 * -(-len(client.train_data) // 4)  # two rounds of one epoch, batch 4
+    for key in ("main", "personal"):
+        steps = {int(s["step"]) for s in state[f"_optimizer/{key}"]["state"].values()}
+        assert steps == {batches}, key
+
+
+def test_ditto_records_personal_epochs_as_a_deviation_only_when_set():
+    default = get_method("ditto")()
+    assert default.active_deviations() == list(default.deviations)
+    set_apart = get_method("ditto")(personal_epochs=3).active_deviations()
+    assert set_apart[:-1] == list(default.deviations)
+    assert set_apart[-1].startswith("personal_epochs = 3: vᵢ's budget is set apart from the ")
+    assert set_apart[-1].endswith("(paper and official code: the same budget as w)")
+
+
+# FedRoD, from its update rule (tests written from the surviving mutants of issue 22) --------------
+
+
+def _fedrod_by_hand(model, personal, batches, lr, loss, labels):
+    """FedRoD's local round from its definition, plain SGD: per batch f = body(x), g = head(f);
+    body and generic head step on the balanced loss f(g + log(π₁/π₀)) (π: the add-one smoothed
+    background/foreground pixel frequencies of the client's training labels); the personal head
+    p steps on f(g.detach() + p(f.detach())), g and f from before the body's step."""
+    fg = int((labels > 0).sum())
+    shift = float(
+        torch.log(torch.tensor((fg + 1) / (labels.numel() - fg + 1), dtype=torch.float64))
+    )
+    model.train()
+    personal.train()
+    body, heads = list(model.parameters()), list(personal.parameters())
+    for x, y in batches:
+        f = model.feature_forward(x)
+        g = model.head(f)
+        grads = torch.autograd.grad(loss(g + shift, y), body)
+        p_grads = torch.autograd.grad(loss(g.detach() + personal(f.detach()), y), heads)
+        with torch.no_grad():
+            for p, gr in zip(body + heads, grads + p_grads, strict=True):
+                p.sub_(lr * gr)
+    return state_of(model), state_of(personal)
+
+
+def _client_on_labels(model: nn.Module, label: int, state: dict, **work) -> Client:
+    """A lone client over site 0 whose foreground is labelled ``label`` (a one-logit head
+    treats every label > 0 as foreground)."""
+    base = make_client(tiny_unet())
+    site = dataclasses.replace(base.train_data, labels=base.train_data.labels * label)
+    full = {**dataclasses.asdict(base.work), **work}
+    return Client(
+        "site0",
+        model,
+        state,
+        site,
+        LocalWork(**full),
+        round=2,
+        seed=0,
+        device=torch.device("cpu"),
+        budget=Budget(),
+    )
+
+
+@pytest.mark.parametrize("stored, label", [(False, 1), (True, 1), (True, 2)])
+def test_fedrod_local_round_is_the_hand_computed_update_of_body_and_both_heads(stored, label):
+    lr = 0.1
+    work = {"epochs": 2, "lr": lr, **SGD}
+    start = nn.Conv2d(tiny_unet().feature_channels, 1, 1)  # a personal head of an earlier round
+    reference = _client_on_labels(tiny_unet(), label, {}, **work)
+    batches = list(reference.batches())
+    state = {PERSONAL_HEAD: state_of(start)} if stored else {}
+    client = _client_on_labels(tiny_unet(), label, state, **work)
+    get_method("fedrod")().local_update(client)
+    personal = copy.deepcopy(start)
+    if not stored:  # the first round's personal head is zero: its prediction is the generic one
+        with torch.no_grad():
+            for p in personal.parameters():
+                p.zero_()
+    model, head = _fedrod_by_hand(
+        tiny_unet(), personal, batches, lr, reference.loss, reference.train_data.labels
+    )
+    got = state_of(client.model)
+    for k in model:
+        torch.testing.assert_close(got[k], model[k], rtol=1e-5, atol=1e-6, msg=k)
+    for k in head:
+        torch.testing.assert_close(client.state[PERSONAL_HEAD][k], head[k], rtol=1e-5, atol=1e-6)
+    # the tolerance is far below what the balanced loss changes: the plain loss lands elsewhere
+    unbalanced = _client_on_labels(tiny_unet(), label, {}, **work)
+    unbalanced.fit()
+    assert _dist(floating(state_of(unbalanced.model)), floating(model)) > 1e-3
+
+
+def test_fedrod_keeps_the_optimizer_states_of_model_and_personal_head_apart():
+    state = {}
+    model = tiny_unet()
+    for rnd in (1, 2):
+        client = make_client(model, state=state, round=rnd, persist_optimizer=True)
+        get_method("fedrod")().local_update(client)
+    assert set(state) == {"_optimizer/main", "_optimizer/personal", PERSONAL_HEAD}
+    batches = 2 * -(-len(client.train_data) // 4)  # two rounds of one epoch, batch 4
+    sizes = {"main": len(list(model.parameters())), "personal": 2}  # the head: weight, bias
+    for key, n in sizes.items():
+        saved = state[f"_optimizer/{key}"]["state"]
+        assert len(saved) == n and {int(s["step"]) for s in saved.values()} == {batches}, key
+
+
+class _NoFeatures(nn.Module):
+    head_path = "head"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(1, 1, 1)
+
+
+class _NoHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Conv2d(1, 1, 1)
+
+    def feature_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def test_fedrod_refuses_a_model_without_features_or_head_by_name():
+    from pflbench.partition import PartitionError
+
+    method = get_method("fedrod")()
+    with pytest.raises(
+        TypeError,
+        match=r"^fedrod: model _NoFeatures has no feature_forward\(x\); FedRoD needs the body "
+        r"features to attach its personal head$",
+    ):
+        method.setup(make_client(_NoFeatures()))
+    with pytest.raises(
+        PartitionError, match=r"^fedrod: model _NoHead declares no 'head_path'; fedrod "
+    ):
+        method.setup(make_client(_NoHead()))
+
+
+def test_fedrod_names_where_a_step_diverged():
+    from pflbench.training import Diverged
+
+    bad = tiny_unet()
+    with torch.no_grad():
+        bad.head.bias.fill_(float("nan"))
+    client = make_client(bad, round=3)
+    with pytest.raises(
+        Diverged, match=r"^non-finite loss \(nan\) in client site0 round 3 \(fedrod\)$"
+    ):
+        get_method("fedrod")().local_update(client)
+    head = nn.Conv2d(tiny_unet().feature_channels, 1, 1)
+    with torch.no_grad():
+        head.bias.fill_(float("nan"))
+    client = make_client(tiny_unet(), state={PERSONAL_HEAD: state_of(head)}, round=3)
+    with pytest.raises(
+        Diverged, match=r"^non-finite loss \(nan\) in client site0 round 3 \(fedrod\) personal$"
+    ):
+        get_method("fedrod")().local_update(client)
+
+
+# FedALA, from its update rule (tests written from the surviving mutants of issue 22) --------------
+
+
+def _ala_by_hand(client, glob, top, weights, eta, s, epochs_rule):
+    """FedALA's adaptive local aggregation from its definition, on ``client`` (a twin of the
+    client under test, with the same generator streams): a random s % (at least 2) of the
+    training images; a copy of the local model with every parameter ← w except the top ones,
+    θ̂ = θ + (w − θ) ⊙ W there; per batch W ← clip(W − η ∇_θ̂ f ⊙ (w − θ), 0, 1); epochs until
+    ``epochs_rule(epoch mean losses)`` says stop. Returns W, the blended top, the epoch count."""
+    data = client.train_data
+    n = len(data)
+    m = min(n, max(2, int(s / 100 * n)))
+    idx = torch.randperm(n, generator=client.generator("ala-sample"))[:m].sort().values
+    subset = type(data)(
+        name=data.name,
+        images=data.images[idx],
+        labels=data.labels[idx],
+        case_ids=[data.case_ids[i] for i in idx.tolist()],
+    )
+    local = {k: v.clone() for k, v in client.model.state_dict().items()}
+    tmp = copy.deepcopy(client.model)
+    params = dict(tmp.named_parameters())
+    weights = {k: w.clone() for k, w in weights.items()}
+    with torch.no_grad():
+        for k, p in params.items():
+            p.copy_(local[k] + (glob[k] - local[k]) * weights[k] if k in top else glob[k])
+    tmp.train()
+    losses = []
+    while True:
+        epoch = []
+        for x, y in client.batches("ala", epochs=1, data=subset):
+            loss = client.loss(tmp(x), y)
+            grads = torch.autograd.grad(loss, [params[k] for k in top])
+            with torch.no_grad():
+                for k, g in zip(top, grads, strict=True):
+                    diff = glob[k] - local[k]
+                    weights[k] = (weights[k] - eta * g * diff).clamp(0, 1)
+                    params[k].copy_(local[k] + diff * weights[k])
+            epoch.append(float(loss.detach()))
+        losses.append(sum(epoch) / len(epoch))
+        if epochs_rule(losses):
+            break
+    blended = {k: local[k] + (glob[k] - local[k]) * weights[k] for k in top}
+    return weights, blended, len(losses), m
+
+
+def _settled(window: int, threshold: float, most: int):
+    """The first ALA's stopping rule: more than ``window`` epochs and the std of the last
+    ``window`` epoch losses below ``threshold``, or ``most`` epochs."""
+
+    def rule(losses: list[float]) -> bool:
+        last = torch.tensor(losses[-window:], dtype=torch.float64)
+        settled = len(losses) > window and float(last.std(unbiased=False)) < threshold
+        return settled or len(losses) >= most
+
+    return rule
+
+
+@pytest.mark.parametrize(
+    "first, window, threshold, most, s, p",
+    [
+        (False, 10, 0.1, 20, 80.0, 2),  # a later round: one epoch, W resumed from the state
+        (True, 3, 1e9, 20, 80.0, 2),  # settled at once: window + 1 epochs
+        # never settles (the last 2 epoch losses differ by more than 1e-12): max_first_epochs;
+        # all tensors; 5 % of 10 images is below the floor of 2
+        (True, 2, 1e-12, 5, 5.0, 0),
+    ],
+)
+def test_fedala_receive_is_the_hand_computed_adaptive_local_aggregation(
+    first, window, threshold, most, s, p
+):
+    eta = 5.0
+    hp = {"window": window, "threshold": threshold, "max_first_epochs": most, "s": s}
+    budget = Budget()
+    method = get_method("fedala")(eta=eta, p=p, **hp)
+    # the suite trains 2 epochs: an ALA epoch is still one pass over the subset
+    client, twin = (
+        make_client(tiny_unet(0), budget=b, lr=3e-2, epochs=2) for b in (budget, Budget())
+    )
+    client.fit()  # local training: the local model now differs from the global one
+    twin.fit()
+    glob = state_of(tiny_unet(1))
+    message = Message(entries=floating(glob))
+    budget.samples.clear()
+    top = ala_tensors(client.model, p)
+    start = {k: torch.rand_like(glob[k]) for k in top}  # W of an earlier round
+    if not first:
+        client.state.update({WEIGHTS: {k: w.clone() for k, w in start.items()}, STARTED: True})
+    local = state_of(client.model)
+    method.receive(client, message)
+    ones = {k: torch.ones_like(glob[k]) for k in top}
+    rule = (lambda losses: True) if not first else _settled(window, threshold, most)
+    weights, blended, epochs, m = _ala_by_hand(
+        twin, glob, top, ones if first else start, eta, s, rule
+    )
+    assert epochs == (1 if not first else window + 1 if threshold > 1 else most)
+    assert m == max(2, int(s / 100 * len(client.train_data)))
+    assert budget.samples["ala"] == epochs * m
+    after = state_of(client.model)
+    params = {n for n, _ in client.model.named_parameters()}
+    for k in after:
+        if k in top:
+            torch.testing.assert_close(client.state[WEIGHTS][k], weights[k], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(after[k], blended[k], rtol=1e-5, atol=1e-6, msg=k)
+        elif k in params:
+            assert torch.equal(after[k], glob[k]), k
+        else:
+            assert torch.equal(after[k], local[k]), k  # BN statistics: never blended
+    assert client.state[STARTED] is True
+    # the weights moved away from where they started, and not to the clipping bounds only
+    moved = torch.cat([(weights[k] - (ones if first else start)[k]).flatten() for k in top])
+    assert moved.abs().max() > 1e-3
+
+
+def test_fedrod_prior_counts_every_class_and_any_label_above_zero_as_foreground():
+    # one logit: labels 2 are foreground too; two classes even when a class never occurs
+    labels = torch.zeros(2, 3, 5, dtype=torch.long)
+    labels[0, 0, :4] = 2
+    prior = log_prior(labels, 1)
+    assert torch.allclose(prior.exp(), torch.tensor([26.0 + 1, 4 + 1], dtype=torch.float64) / 32)
+    empty = log_prior(torch.zeros(1, 2, 2, dtype=torch.long), 1)
+    assert torch.allclose(empty.exp(), torch.tensor([5.0, 1.0], dtype=torch.float64) / 6)
+    absent = log_prior(torch.tensor([[[0, 1], [1, 1]]]), 3)  # class 2 absent: add-one count 1
+    assert torch.allclose(absent.exp(), torch.tensor([2.0, 4.0, 1.0], dtype=torch.float64) / 7)
+
+
+def test_fedrod_balanced_loss_shifts_each_class_logit_by_its_log_prior():
+    """Balanced softmax for C classes: logit c + log π_c, on the channel axis only (shape
+    N×C×H×W with H, W ≠ C, so a shift on another axis cannot pass)."""
+    labels = torch.tensor([[[0, 1, 2, 2, 0], [1, 1, 0, 2, 2], [0, 0, 0, 1, 2], [2, 2, 1, 0, 0]]])
+    labels = labels.expand(2, 4, 5).clone()
+    prior = log_prior(labels, 3)
+    logits = torch.randn(2, 3, 4, 5)
+    by_hand = logits.clone()
+    for c in range(3):
+        by_hand[:, c] += float(prior[c])
+    expected = segmentation_loss(by_hand, labels)
+    assert torch.allclose(balanced_loss(logits, labels, prior, segmentation_loss), expected)
+    assert not torch.allclose(expected, segmentation_loss(logits, labels))
+
+
+def test_fedala_names_where_its_weight_learning_diverged():
+    from pflbench.training import Diverged
+
+    method, client, glob, _ = _ala_setup(Budget())
+    glob["head.bias"] = torch.full_like(glob["head.bias"], float("nan"))
+    with pytest.raises(
+        Diverged, match=r"^non-finite loss \(nan\) in client site0 round 1 \(ala\)$"
+    ):
+        method.receive(client, Message(entries=floating(glob)))
