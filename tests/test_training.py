@@ -114,6 +114,16 @@ def test_the_loss_of_half_precision_logits_is_computed_in_float32(channels):
     assert torch.equal(got, segmentation_loss(logits.float(), labels))
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_the_loss_is_computed_where_its_inputs_live(channels):
+    """The one-hot classes are made on the labels' device: on the meta device (standing in for
+    a GPU here) a CPU ``arange`` of several classes could not meet the labels."""
+    logits = torch.randn(2, channels, 4, 4, device="meta")
+    labels = torch.zeros(2, 4, 4, dtype=torch.long, device="meta")
+    loss = segmentation_loss(logits, labels)
+    assert loss.device.type == "meta" and loss.shape == ()
+
+
 def test_per_sample_loss_is_the_loss_of_each_item_alone():
     g = torch.Generator().manual_seed(6)
     for channels in (1, 3):
@@ -303,6 +313,42 @@ def test_augmentations_move_image_and_mask_together_as_drawn(augmentations):
     )
     assert changed > 0
     assert torch.equal(data.images, _site(16, 5, 5).images)  # the held data are not touched
+
+
+def _seed_drawing_exactly_one_half(n: int, augmentations) -> int:
+    """A seed whose first batch of ``n`` draws holds a uniform of exactly 0.5 where it decides
+    (a flip, or a turn by a nonzero k): the boundary of ``u < 0.5``."""
+    for seed in range(100_000):
+        g = torch.Generator().manual_seed(seed)
+        if "flips" in augmentations:
+            if (torch.rand(n, 2, generator=g) == 0.5).any():
+                return seed
+            continue
+        turn = torch.rand(n, generator=g)
+        k = torch.randint(0, 4, (n,), generator=g)
+        if ((turn == 0.5) & (k != 0)).any():
+            return seed
+    raise AssertionError("no seed found")
+
+
+@pytest.mark.parametrize("augmentations", [("flips",), ("rot90",)])
+def test_a_draw_of_exactly_one_half_does_not_augment(augmentations):
+    """p 0.5 as albumentations draws it: augment when u < 0.5 for u uniform on [0, 1)."""
+    n = 1024
+    images = torch.arange(4, dtype=torch.float32).view(1, 1, 2, 2).expand(n, 1, 2, 2).clone()
+    data = SiteData(name="s", images=images, labels=images[:, 0].long(), case_ids=["c"] * n)
+    seed = _seed_drawing_exactly_one_half(n, augmentations)
+    got = _stream(
+        data,
+        n,
+        epochs=1,
+        shuffle=False,
+        augment=torch.Generator().manual_seed(seed),
+        augmentations=augmentations,
+    )
+    ((gx, gy),) = got
+    ((wx, wy),) = _augmented_by_hand(data, n, seed, augmentations)
+    assert torch.equal(gx, wx) and torch.equal(gy, wy)
 
 
 def test_flips_and_rot90_hit_each_case_at_about_their_probabilities():
