@@ -28,7 +28,7 @@ PLANTED = {
     ),
     "upload-weight-one": (
         "pflbench/method.py",
-        [("weight=float(client.num_train)", "weight=1.0")],
+        [("weight=client.weight)", "weight=1.0)")],
         ENGINE,
         "unequal_sites",
     ),
