@@ -81,7 +81,10 @@ class DiskStore(StateStore):
         return self._dir / f"{cid.replace('/', '__')}.pt"
 
     def get(self, cid: str) -> dict[str, Any]:
-        return torch.load(self._path(cid), map_location="cpu", weights_only=False)
+        """The record as it was put, each tensor on the device it was saved from: a GPU run's
+        client state and best-round snapshot come back on the GPU, as from the memory store
+        (loading them to the CPU left a snapshot model on the CPU beside data on the GPU)."""
+        return torch.load(self._path(cid), weights_only=False)
 
     def put(self, cid: str, record: dict[str, Any]) -> None:
         tmp = self._path(cid).with_suffix(".tmp")

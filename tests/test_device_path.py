@@ -200,3 +200,16 @@ def test_a_client_batch_stream_indexes_data_where_it_lives():
     x, y = next(client.batches())
     assert x.device == client.train_data.images.device and len(x) == 4
     _ = fast_protocol  # the helpers' protocol is what run() uses above
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_the_disk_store_gives_records_back_on_the_device_they_came_from():
+    from pflbench.state import DiskStore
+
+    store = DiskStore()
+    try:
+        store.put("a", {"state": {"t": torch.ones(2, device=GPU)}, "cpu": torch.zeros(1)})
+        back = store.get("a")
+        assert back["state"]["t"].is_cuda and not back["cpu"].is_cuda
+    finally:
+        store.close()
