@@ -80,8 +80,11 @@ def choose_placement(
 def place_clients(
     clients: list[ClientSplits], setting: Literal["auto", "host"], device: torch.device
 ) -> tuple[list[ClientSplits], Placement]:
-    """:func:`choose_placement` for these clients, applied."""
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    """:func:`choose_placement` for these clients, applied. Off a GPU nothing is counted (the
+    count builds each test split) and nothing moves."""
+    if device.type != "cuda":
+        return clients, "host"
+    free = torch.cuda.mem_get_info(device)[0]
     where = choose_placement(setting, device, sum(c.nbytes for c in clients), free)
     if where == "host":
         return clients, where

@@ -588,12 +588,18 @@ def test_apfl_keeps_the_optimizer_states_of_w_and_v_apart():
         assert not torch.equal(got_moved["head.weight"], moved["head.weight"]), key
 
 
-def test_apfl_names_where_a_step_diverged():
-    from pflbench.training import Diverged
-
+def _nan_head_unet() -> nn.Module:
+    """A tiny U-Net whose head bias is NaN: its first loss is not finite."""
     bad = tiny_unet()
     with torch.no_grad():
         bad.head.bias.fill_(float("nan"))
+    return bad
+
+
+def test_apfl_names_where_a_step_diverged():
+    from pflbench.training import Diverged
+
+    bad = _nan_head_unet()
     client = make_client(bad, round=3)
     with pytest.raises(
         Diverged, match=r"^non-finite loss \(nan\) in client site0 round 3 \(apfl\)$"
@@ -804,9 +810,7 @@ def test_fedrod_refuses_a_model_without_features_or_head_by_name():
 def test_fedrod_names_where_a_step_diverged():
     from pflbench.training import Diverged
 
-    bad = tiny_unet()
-    with torch.no_grad():
-        bad.head.bias.fill_(float("nan"))
+    bad = _nan_head_unet()
     client = make_client(bad, round=3)
     with pytest.raises(
         Diverged, match=r"^non-finite loss \(nan\) in client site0 round 3 \(fedrod\)$"
