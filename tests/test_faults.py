@@ -636,7 +636,15 @@ def test_child_workers_get_the_storage_url_by_environment_not_argv(tmp_path):
     try:
         (child,) = procs
         proc = psutil.Process(child.pid)
-        assert not any("s3cret" in arg for arg in proc.cmdline())
+        # Popen returns once exec has begun; the kernel fills in the new image's command line
+        # and environment a moment later, and until then /proc reads them as empty (a CI run
+        # saw environ() == {}). Wait for the worker's own command line before reading either.
+        deadline = time.monotonic() + 30
+        while "worker" not in proc.cmdline() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        cmdline = proc.cmdline()
+        assert "worker" in cmdline, cmdline
+        assert not any("s3cret" in arg for arg in cmdline)
         assert proc.environ().get("PFLBENCH_STORAGE") == url
     finally:
         stop_children(procs)
