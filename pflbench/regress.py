@@ -195,14 +195,17 @@ def _band(st: dict[str, Any], pooled: float, k: float, floor: float) -> None:
 
 
 def _provenance(manifests: list[dict[str, Any]]) -> dict[str, Any]:
-    """Git state and versions of the runs (the first run's; the runs of one sweep share them)."""
+    """Git state, versions and processor of the runs (the first run's; the runs of one sweep
+    share them): a gate run on another processor moves every row a little, and says why."""
     gits = [m.get("git") or {} for m in manifests]
     shas = sorted({g.get("sha") for g in gits if g.get("sha")})
     versions = next((m["versions"] for m in manifests if m.get("versions")), {})
+    processor = next((m["processor"] for m in manifests if m.get("processor")), None)
     return {
         "git_sha": shas[0] if len(shas) == 1 else (shas or None),
         "git_dirty": any(bool(g.get("dirty")) for g in gits),
         "versions": versions,
+        "processor": processor,
     }
 
 
@@ -538,6 +541,24 @@ def check_complete(run_dir: str | Path, baseline: dict[str, Any]) -> None:
         )
 
 
+def processor_note(run_dir: str | Path, baseline: dict[str, Any]) -> str | None:
+    """A line when the runs and the baseline come from different processors: CPU arithmetic is
+    bitwise reproducible on one processor only, so there every row moves a little (inside its
+    band) and a Δ of exactly 0 cannot be expected. None when they match or either is unknown."""
+    ran = _provenance(load_manifests(run_dir)).get("processor")
+    made = baseline.get("processor")
+    if not ran or not made or ran == made:
+        return None
+
+    def name(p: dict[str, Any]) -> str:
+        return f"{p.get('model') or 'unknown CPU'} ({p.get('torch_capability') or '?'})"
+
+    return (
+        f"note: the baseline was calibrated on {name(made)}, these runs ran on {name(ran)}; "
+        "floating-point results differ across processors, so every row may move inside its band"
+    )
+
+
 def main_regress(
     run_dir: str | Path,
     baseline_path: str | Path,
@@ -580,6 +601,8 @@ def main_regress(
             f"floor = {baseline.get('floor')})",
         )
     )
+    if note := processor_note(run_dir, baseline):
+        console.print(note, highlight=False, soft_wrap=True)
     counts = table["verdict"].value_counts()
     summary = ", ".join(f"{counts[v]} {v}" for v in VERDICTS if v in counts)
     failed = int(table["verdict"].isin(FAILING).sum())

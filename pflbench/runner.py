@@ -251,6 +251,27 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
+def _processor() -> dict[str, str | None]:
+    """The CPU model and the vector ISA torch dispatches to. CPU results are bitwise
+    reproducible on one machine, not across processors: the same commit gave different Dice on an
+    Intel Xeon and an AMD EPYC (both AVX512), so a manifest must say which one produced it."""
+    import torch
+
+    model = None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            model = next(
+                (ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), None
+            )
+    except OSError:
+        pass
+    return {
+        "model": model or platform.processor() or None,
+        "machine": platform.machine() or None,
+        "torch_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
 def execute(
     spec: RunSpec,
     out: str | Path,
@@ -371,6 +392,7 @@ def _train(
         "splits": {site: {k: len(v) for k, v in s.items()} for site, s in splits.items()},
         "git": _git_info(),
         "versions": _versions(),
+        "processor": _processor(),
         "host": platform.node(),
         "pid": os.getpid(),
         "started_at": started,

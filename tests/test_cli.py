@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 import yaml
 from test_registry import make_plugin
 
@@ -76,6 +78,9 @@ def test_run_prints_dice_per_method_and_site_and_is_bitwise_reproducible(tmp_pat
     ):
         assert key in m, key
     assert m["threads"] == 1
+    # which processor made the numbers (they are bitwise reproducible on that processor only)
+    assert m["processor"]["torch_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert m["processor"]["machine"] == platform.machine()
     # the second time through two worker processes and the storage queue: same keys, same bits
     res2 = cli(
         "run", str(suite), "--out", str(tmp_path / "b"), "-q", "--no-report", "--workers", "2"

@@ -56,6 +56,7 @@ def fake_run(
     dataset: str = "ds",
     status: str = "ok",
     key_salt: str = "",
+    processor: dict[str, str] | None = None,
 ) -> None:
     """One finished run whose test/best client Dice are ``client_dice``.
 
@@ -97,6 +98,7 @@ def fake_run(
         "versions": {"torch": "9.9", "pflbench": "0.1.0"},
         "protocol": {"rounds": 3},
         "model": {"name": "unet"},
+        **({"processor": processor} if processor else {}),
     }
     empty = pd.DataFrame()
     write_run(out, run_key, RunRecords(empty, empty, pd.DataFrame(rows), manifest))
@@ -123,11 +125,13 @@ CALIBRATION = {
 
 
 def write_calibration(
-    out: Path, data: dict[str, dict[int, dict[str, float]]] = CALIBRATION
+    out: Path,
+    data: dict[str, dict[int, dict[str, float]]] = CALIBRATION,
+    processor: dict[str, str] | None = None,
 ) -> Path:
     for method, seeds in data.items():
         for seed, clients in seeds.items():
-            fake_run(out, method, seed, clients)
+            fake_run(out, method, seed, clients, processor=processor)
     return out
 
 
@@ -340,6 +344,32 @@ def test_main_regress_update_then_pass_then_fail(calib_dir: Path, tmp_path: Path
     assert main_regress(worse, path, console=con) == 1
     text = con.export_text()
     assert "REGRESSION" in text and "FAILED" in text
+
+
+XEON = {"model": "Intel(R) Xeon(R) Processor", "machine": "x86_64", "torch_capability": "AVX512"}
+EPYC = {"model": "AMD EPYC", "machine": "x86_64", "torch_capability": "AVX512"}
+
+
+def test_the_gate_says_when_runs_and_baseline_come_from_different_processors(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "b.json"
+    assert main_regress(write_calibration(tmp_path / "x", processor=XEON), path, update=True) == 0
+    assert json.loads(path.read_text())["processor"] == XEON
+
+    con = _recording()
+    assert main_regress(write_calibration(tmp_path / "x2", processor=XEON), path, console=con) == 0
+    assert "processor" not in con.export_text()  # same processor: nothing to explain
+
+    con = _recording()
+    assert main_regress(write_calibration(tmp_path / "e", processor=EPYC), path, console=con) == 0
+    text = con.export_text()
+    assert "calibrated on Intel(R) Xeon(R) Processor (AVX512)" in text
+    assert "ran on AMD EPYC (AVX512)" in text
+
+    con = _recording()  # runs from before manifests recorded it: unknown, so no claim either way
+    assert main_regress(write_calibration(tmp_path / "old"), path, console=con) == 0
+    assert "calibrated on" not in con.export_text()
 
 
 def test_main_regress_missing_method_fails(calib_dir: Path, tmp_path: Path) -> None:

@@ -457,3 +457,25 @@ def test_lower_is_better_metric_and_small_n(tmp_path):
         build_report(tmp_path, out=tmp_path / "x", metric="accuracy")
     with pytest.raises(ReportError):
         build_report(tmp_path / "empty")
+
+
+def test_runs_from_different_processors_are_named_in_the_appendix_and_a_note(tmp_path):
+    """CPU numbers are bitwise reproducible on one processor only: a report that merges runs
+    made on two says so, and its appendix names both."""
+    fabricate(tmp_path, datasets={"tiny": 4}, effects={"fedavg": 0.0, "local": -0.04},
+              seeds=(0, 1), rounds=2, cases=2, tuned=())  # fmt: skip
+    cpus = {0: {"model": "Intel(R) Xeon(R) Processor", "torch_capability": "AVX512"},
+            1: {"model": "AMD EPYC", "torch_capability": "AVX2"}}  # fmt: skip
+    for path in (tmp_path / "results").glob("*/manifest.json"):
+        m = json.loads(path.read_text())
+        path.write_text(json.dumps({**m, "processor": cpus[m["seed"]]}))
+    md = (build_report(tmp_path, out=tmp_path / "rep") / "report.md").read_text(encoding="utf-8")
+    assert "| processor | Intel(R) Xeon(R) Processor (AVX512) \\| AMD EPYC (AVX2) |" in md
+    assert "tiny: the runs come from different processors" in md
+
+    for path in (tmp_path / "results").glob("*/manifest.json"):  # one processor: no note
+        m = json.loads(path.read_text())
+        path.write_text(json.dumps({**m, "processor": cpus[0]}))
+    md = (build_report(tmp_path, out=tmp_path / "one") / "report.md").read_text(encoding="utf-8")
+    assert "different processors" not in md
+    assert "| processor | Intel(R) Xeon(R) Processor (AVX512) |" in md

@@ -173,6 +173,12 @@ def _appendix(res: Results, notes: list[str]) -> list[Block]:
             notes.append(
                 f"{d}: the runs have different data fingerprints; check the comparison is fair."
             )
+        known = g.loc[g["processor"] != "–", "processor"]
+        if known.nunique() > 1:
+            notes.append(
+                f"{d}: the runs come from different processors ({_distinct(known)}); CPU "
+                "results are bitwise reproducible on one processor only."
+            )
     versions: dict[str, list[str]] = {}
     for m in res.manifests:
         for k, v in (m.get("versions") or {}).items():
@@ -183,6 +189,7 @@ def _appendix(res: Results, notes: list[str]) -> list[Block]:
     rows += [
         ("device", _distinct(mf["device"].astype(str))),
         ("threads", _distinct(mf["threads"].astype(str))),
+        ("processor", _distinct(mf["processor"])),
         ("git", _distinct(mf["git"])),
         ("runs", str(len(mf))),
         ("total compute time", f"{pd.to_numeric(mf['total_s'], errors='coerce').sum() / 3600:.2f} h"),

@@ -398,6 +398,13 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def processor_name(processor: dict[str, Any] | None) -> str:
+    """E.g. "AMD EPYC (AVX512)"; "–" for runs written before manifests recorded it."""
+    if not processor:
+        return "–"
+    return f"{processor.get('model') or 'unknown CPU'} ({processor.get('torch_capability') or '?'})"
+
+
 def manifest_frame(res: Results) -> pd.DataFrame:
     """One row per run with the manifest fields the appendix shows (flattened to text)."""
     rows = []
@@ -431,6 +438,7 @@ def manifest_frame(res: Results) -> pd.DataFrame:
                 "bytes_up": m.get("bytes_up"),
                 "bytes_down": m.get("bytes_down"),
                 "versions": _fmt(m.get("versions", {})),
+                "processor": processor_name(m.get("processor")),
             }
         )
     return pd.DataFrame(rows)
