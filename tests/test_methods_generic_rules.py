@@ -464,3 +464,179 @@ def test_fedawa_refuses_an_unstarted_server_by_name():
         RuntimeError, match=_exactly("fedawa: aggregate before start_server (the server has no w)")
     ):
         get_method("fedawa")().aggregate({}, 1)
+
+
+# FedRDN ------------------------------------------------------------------------------------------
+
+
+def test_fedrdn_statistics_are_per_image_channel_moments_averaged_over_images():
+    from pflbench.methods.fedrdn import channel_statistics
+
+    # two images, two channels, four pixels each: per image and channel mean and unbiased std
+    images = torch.tensor(
+        [
+            [[[0.0, 2.0], [4.0, 6.0]], [[1.0, 1.0], [1.0, 3.0]]],
+            [[[2.0, 2.0], [2.0, 6.0]], [[0.0, 0.0], [4.0, 4.0]]],
+        ]
+    )
+    stats = channel_statistics(images, "s")
+
+    def std(values):  # unbiased, n − 1
+        m = sum(values) / len(values)
+        return (sum((v - m) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+    mean = [(3.0 + 3.0) / 2, (1.5 + 2.0) / 2]
+    stds = [
+        (std([0, 2, 4, 6]) + std([2, 2, 2, 6])) / 2,
+        (std([1, 1, 1, 3]) + std([0, 0, 4, 4])) / 2,
+    ]
+    torch.testing.assert_close(stats["mean"], torch.tensor(mean))
+    torch.testing.assert_close(stats["std"], torch.tensor(stds))
+    assert stats["mean"].dtype == stats["std"].dtype == torch.float32
+    one = channel_statistics(images[:1], "one")  # a single image is enough
+    torch.testing.assert_close(one["mean"], torch.tensor([3.0, 1.5]))
+    message = "fedrdn: site 'none' has no training images to take statistics of"
+    with pytest.raises(ValueError, match=_exactly(message)):
+        channel_statistics(images[:0], "none")
+    message = (
+        "fedrdn: site 'flat' has a channel whose images are all constant (std 0); "
+        "its inputs cannot be normalized"
+    )
+    flat = images.clone()
+    flat[:, 1] = 5.0  # channel 1 constant, channel 0 not: one constant channel is refused
+    with pytest.raises(ValueError, match=_exactly(message)):
+        channel_statistics(flat, "flat")
+
+
+def test_fedrdn_normalizes_each_channel_of_images_and_volumes():
+    from pflbench.methods.fedrdn import Normalized, normalize
+
+    mean, std = torch.tensor([1.0, -2.0]), torch.tensor([2.0, 4.0])
+    for shape in [(3, 2, 4, 5), (3, 2, 2, 4, 5)]:
+        x = torch.rand(shape)
+        want = torch.stack([(x[:, 0] - 1.0) / 2.0, (x[:, 1] + 2.0) / 4.0], dim=1)
+        torch.testing.assert_close(normalize(x, mean, std), want)
+    net = Normalized(nn.Identity(), mean, std)
+    x = torch.rand(3, 2, 4, 5)
+    torch.testing.assert_close(net(x), normalize(x, mean, std))
+    mean.add_(1.0)  # the wrapper keeps its own copy
+    torch.testing.assert_close(net.mean, torch.tensor([1.0, -2.0]))
+
+
+def test_fedrdn_bank_goes_to_every_client_and_each_batch_draws_mean_and_std_apart():
+    from pflbench.methods.fedrdn import BANK, OWN, normalize
+
+    stats = {
+        f"site{k}": {"mean": torch.tensor([0.1 * k]), "std": torch.tensor([0.2 + 0.1 * k])}
+        for k in range(3)
+    }
+    m = get_method("fedrdn")()
+    messages = m.setup_server({c: stats[c] for c in ["site2", "site0", "site1"]})
+    assert set(messages) == {"site0", "site1", "site2"}
+    for msg in messages.values():
+        assert list(msg) == ["site0", "site1", "site2"]
+        assert all(torch.equal(msg[c]["mean"], stats[c]["mean"]) for c in stats)
+    client = make_client(tiny_unet(), epochs=None, steps=6, lr=0.05, **SGD)
+    m.receive_setup(client, messages["site0"])
+    assert list(client.state[BANK]) == ["site0", "site1", "site2"]
+    with pytest.raises(
+        RuntimeError,
+        match=_exactly("fedrdn: client site1 has no statistics bank (setup not run)"),
+    ):
+        m.local_update(make_client(tiny_unet(), site=1, state={OWN: stats["site1"]}))
+    # by hand: the batch stream's order is drawn first, then one "fedrdn" generator; per batch
+    # i then j, each uniform over the three clients, so means and stds are mixed across clients
+    twin = make_client(tiny_unet(), epochs=None, steps=6, lr=0.05, **SGD)
+    batches = list(twin.batches())  # the twin's first generator call: the data order
+    g = twin.generator("fedrdn")
+    draws = [
+        (int(torch.randint(3, (1,), generator=g)), int(torch.randint(3, (1,), generator=g)))
+        for _ in batches
+    ]
+    assert any(i != j for i, j in draws)  # the seed mixes at least once
+    m.local_update(client)
+    model = tiny_unet().train()
+    params = dict(model.named_parameters())
+    for (x, y), (i, j) in zip(batches, draws, strict=True):
+        xn = normalize(x, stats[f"site{i}"]["mean"], stats[f"site{j}"]["std"])
+        grads = torch.autograd.grad(segmentation_loss(model(xn), y), list(params.values()))
+        with torch.no_grad():
+            for p, gr in zip(params.values(), grads, strict=True):
+                p.sub_(0.05 * gr)
+    got = _params(client.model)
+    for n, p in params.items():
+        torch.testing.assert_close(got[n], p.detach(), rtol=1e-5, atol=1e-6, msg=n)
+
+
+# the shared helpers (_generic) and where a divergence is named -----------------------------------
+
+
+def _nan_head_unet() -> nn.Module:
+    """A tiny U-Net whose head bias is NaN: its first loss is not finite."""
+    bad = tiny_unet()
+    with torch.no_grad():
+        bad.head.bias.fill_(float("nan"))
+    return bad
+
+
+@pytest.mark.parametrize("method", ["scaffold", "fednova", "moon"])
+def test_a_diverged_local_step_names_the_client_and_round(method):
+    from pflbench.methods.moon import PREVIOUS
+    from pflbench.training import Diverged
+
+    state = {PREVIOUS: {k: v.clone() for k, v in tiny_unet().state_dict().items()}}
+    client = make_client(_nan_head_unet(), round=3, state=state if method == "moon" else None)
+    message = r"^non-finite loss \(nan\) in client site0 round 3 \(local\)$"
+    with pytest.raises(Diverged, match=message):
+        get_method(method)().local_update(client)
+
+
+def test_gradient_offsets_shift_trainable_gradients_sum_raw_ones_and_leave_no_hook():
+    from pflbench.methods._generic import gradient_offsets
+
+    model = nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 2.0]]))
+        model.bias.fill_(0.5)
+    model.bias.requires_grad_(False)
+    x = torch.tensor([[3.0, -1.0]])
+    offsets = {"weight": torch.tensor([[10.0, 20.0]]), "bias": torch.tensor([7.0])}
+    raw = {"weight": torch.zeros(1, 2), "bias": torch.zeros(1)}
+    with gradient_offsets(model, offsets, raw_sum=raw):
+        for _ in range(2):  # d(w·x + b)/dw = x on each of two backward passes
+            model(x).sum().backward()
+    assert torch.equal(model.weight.grad, 2 * (x + offsets["weight"]))
+    assert torch.equal(raw["weight"], 2 * x)
+    assert model.bias.grad is None and torch.equal(raw["bias"], torch.zeros(1))
+    model.weight.grad = None
+    with gradient_offsets(model, {"weight": offsets["weight"]}):  # no raw_sum: offsets only
+        model(x).sum().backward()
+    assert torch.equal(model.weight.grad, x + offsets["weight"])
+    model.weight.grad = None
+    model(x).sum().backward()  # the hooks are gone
+    assert torch.equal(model.weight.grad, x)
+
+
+def test_generic_state_helpers_take_parameters_or_floating_entries_as_copies():
+    from pflbench.methods._generic import floating_state, parameter_values, zeros_like_parameters
+
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    values = parameter_values(model)
+    assert list(values) == ["0.weight", "0.bias", "1.weight", "1.bias"]  # no buffers
+    values["0.bias"].add_(1.0)
+    assert not torch.equal(values["0.bias"], model[0].bias)  # a copy
+    assert values["0.bias"].requires_grad is False
+    zeros = zeros_like_parameters(model)
+    assert list(zeros) == list(values)
+    assert all(not z.any() and z.shape == values[n].shape for n, z in zeros.items())
+    state = floating_state(model)
+    assert list(state) == [
+        "0.weight",
+        "0.bias",
+        "1.weight",
+        "1.bias",
+        "1.running_mean",
+        "1.running_var",
+    ]  # num_batches_tracked (int64) left out
+    state["1.running_var"].add_(1.0)
+    assert torch.equal(model[1].running_var, torch.ones(2))
