@@ -148,6 +148,33 @@ def test_feddyn_term_is_the_linear_and_quadratic_penalty_over_trainable_paramete
         feddyn_module.dynamic_term(grad, anchor, alpha)(model)
 
 
+def test_feddyn_local_step_at_alpha_one_keeps_both_terms_and_updates_the_gradient_state():
+    """α = 1 is an ordinary α (only α = 0 is FedAvg): θ ← θ − η(∇L(θ) − gᵢ + α(θ − θᵗ⁻¹)), then
+    gᵢ ← gᵢ − α(θ − θᵗ⁻¹), from a stored gᵢ."""
+    alpha, lr = 1.0, 0.05
+    work = {"epochs": None, "steps": 2, "lr": lr, **SGD}
+    batches = list(make_client(tiny_unet(), **work).batches())
+    torch.manual_seed(5)
+    g = {n: 0.2 * torch.randn_like(t) for n, t in _params(tiny_unet()).items()}
+    client = make_client(tiny_unet(), state={feddyn_module.GRAD: dict(g)}, **work)
+    get_method("feddyn")(alpha=alpha).local_update(client)
+    model = tiny_unet().train()
+    params = dict(model.named_parameters())
+    anchor = _params(model)
+    for x, y in batches:
+        grads = torch.autograd.grad(segmentation_loss(model(x), y), list(params.values()))
+        with torch.no_grad():
+            for (n, p), gr in zip(params.items(), grads, strict=True):
+                p.sub_(lr * (gr - g[n] + alpha * (p - anchor[n])))
+    got = _params(client.model)
+    for n, p in params.items():
+        torch.testing.assert_close(got[n], p.detach(), rtol=1e-5, atol=1e-6, msg=n)
+        want = g[n] - alpha * (p.detach() - anchor[n])
+        torch.testing.assert_close(
+            client.state[feddyn_module.GRAD][n], want, rtol=1e-5, atol=1e-6, msg=n
+        )
+
+
 # FedNova -----------------------------------------------------------------------------------------
 
 
