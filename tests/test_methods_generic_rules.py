@@ -115,6 +115,18 @@ def test_scaffold_auto_under_sgd_with_momentum_is_literal_option_two():
     assert parted > 1e-2  # the mean-gradient rule would land elsewhere
 
 
+def test_scaffold_variate_rule_names_the_rule_for_each_optimizer():
+    """The documented answer of ``variate_rule``: ``auto`` is option II under SGD (any momentum),
+    the mean raw gradient under Adam; an explicit ``variate`` is taken as given."""
+    sgd = make_client(tiny_unet(), optimizer="sgd", momentum=0.9)
+    adam = make_client(tiny_unet())
+    auto = get_method("scaffold")()
+    assert (auto.variate_rule(sgd), auto.variate_rule(adam)) == ("option_ii", "mean_gradient")
+    for rule in ("option_ii", "mean_gradient"):
+        forced = get_method("scaffold")(variate=rule)
+        assert forced.variate_rule(sgd) == forced.variate_rule(adam) == rule
+
+
 # FedDyn ------------------------------------------------------------------------------------------
 
 
