@@ -405,6 +405,25 @@ def test_fedlws_clips_tau_from_above_and_shrinks_from_the_last_shrunk_model():
     torch.testing.assert_close(msg.entries["bias"], torch.tensor([2.5 * g2]))
 
 
+def test_fedlws_spread_is_the_mean_distance_of_each_update_from_the_mean_update():
+    """τ = clip(β · mean_i ‖Δᵢ − Δ̄‖₂), Δ̄ the per-coordinate mean of the Δᵢ = wᵢ − w, on three
+    clients whose mean update is not the same in every coordinate."""
+    import math
+
+    from pflbench.methods.fedlws import shrinking_factor
+
+    w = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    clients = [torch.tensor(c, dtype=torch.float64) for c in ([2.0, 1.0], [1.0, 3.0], [1.0, 1.0])]
+    average = torch.tensor([4 / 3, 2.0], dtype=torch.float64)
+    # Δ = [1, 0], [0, 2], [0, 0]; Δ̄ = [1/3, 2/3]
+    spread = (
+        math.hypot(2 / 3, -2 / 3) + math.hypot(-1 / 3, 4 / 3) + math.hypot(-1 / 3, -2 / 3)
+    ) / 3
+    tau = 0.1 * spread  # inside [0.01, 0.2]
+    want = math.sqrt(2) / (math.sqrt(2) + tau * math.hypot(1 / 3, 1.0))
+    assert shrinking_factor(w, average, clients, 0.1, (0.01, 0.2)) == pytest.approx(want)
+
+
 def test_fedlws_shrinking_factor_is_one_for_a_zero_layer_that_stays_zero():
     from pflbench.methods.fedlws import shrinking_factor
 
