@@ -432,6 +432,10 @@ def test_fedlws_shrinking_factor_is_one_for_a_zero_layer_that_stays_zero():
     # a layer at the origin that moves is shrunk to nothing: ‖w‖ = 0 in the numerator
     moved = torch.ones(3, dtype=torch.float64)
     assert shrinking_factor(zero, moved, [moved, moved], 0.1, (0.01, 0.2)) == 0.0
+    # a denominator of exactly 1 is an ordinary one: ‖w‖ = 0.5, τ = 0.25, ‖w̄ − w‖ = 2
+    w = torch.tensor([0.5, 0.0], dtype=torch.float64)
+    average = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    assert shrinking_factor(w, average, [average, average], 0.1, (0.25, 0.25)) == 0.5
 
 
 # FedAWA ------------------------------------------------------------------------------------------
