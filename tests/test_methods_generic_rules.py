@@ -227,6 +227,26 @@ def test_moon_refuses_an_unknown_representation_by_name():
             pass
 
 
+def test_moon_contrastive_loss_is_computed_where_its_inputs_live():
+    """The labels of the two-logit cross-entropy are made on the representations' device (the
+    meta device stands in for a GPU: a CPU tensor beside it is refused)."""
+    from pflbench.methods.moon import contrastive_loss
+
+    z = torch.rand(3, 4, device="meta")
+    loss = contrastive_loss(
+        z, torch.rand(3, 4, device="meta"), torch.rand(3, 4, device="meta"), 0.5
+    )
+    assert loss.device.type == "meta" and loss.shape == ()
+
+
+def test_moon_names_itself_when_a_model_declares_no_encoder():
+    from pflbench.methods.moon import representation_module
+    from pflbench.partition import PartitionError
+
+    with pytest.raises(PartitionError, match=r"^moon: model .* declares no 'encoder_path'; moon "):
+        representation_module(nn.Sequential(nn.Linear(2, 2)))
+
+
 class _ListEncoder(nn.Module):
     """An encoder that returns its feature maps as a list (as a timm ``features_only`` one),
     the last one a volume (N×C×D×H×W)."""
