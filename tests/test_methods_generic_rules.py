@@ -209,10 +209,15 @@ def test_fednova_refuses_a_missing_server_model_and_a_round_without_steps_by_nam
 
 def test_fednova_counts_steps_only_under_adam_whatever_its_momentum_setting():
     """Momentum enters ‖aᵢ‖₁ for SGD only: Adam's β₁ is not heavy-ball momentum."""
+    from pflbench.client import Budget
+
     m = get_method("fednova")()
-    adam = make_client(tiny_unet(), epochs=None, steps=3, momentum=0.9)
+    budget = Budget()
+    adam = make_client(tiny_unet(), epochs=None, steps=3, momentum=0.9, budget=budget)
     m.local_update(adam)
     assert m.upload(adam).extras[fednova_module.NORM] == 3.0
+    # the counted steps are the suite's local budget: 10 images in batches of 4 + 4 + 2
+    assert budget.samples == {"local": 10}
 
 
 # MOON --------------------------------------------------------------------------------------------
