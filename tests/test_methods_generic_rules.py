@@ -678,6 +678,33 @@ def test_a_diverged_local_step_names_the_client_and_round(method):
         get_method(method)().local_update(client)
 
 
+def test_fit_counting_steps_trains_on_the_suites_loss_plus_the_extra_term():
+    """SGD on the client's loss (its ``loss_smoothing``, here not the default 1) plus the extra
+    loss, written out; the return value is the number of optimizer steps."""
+    from pflbench.methods._generic import fit_counting_steps
+
+    lr, smooth = 0.05, 1e-3
+    work = {"epochs": None, "steps": 2, "lr": lr, "loss_smoothing": smooth, **SGD}
+    batches = list(make_client(tiny_unet(), **work).batches())
+    client = make_client(tiny_unet(), **work)
+
+    def extra(model: nn.Module) -> torch.Tensor:
+        return 0.5 * model.head.weight.pow(2).sum()  # gradient: head.weight itself
+
+    assert fit_counting_steps(client, extra_loss=extra) == 2
+    model = tiny_unet().train()
+    params = dict(model.named_parameters())
+    for x, y in batches:
+        loss = segmentation_loss(model(x), y, smooth) + extra(model)
+        grads = torch.autograd.grad(loss, list(params.values()))
+        with torch.no_grad():
+            for p, g in zip(params.values(), grads, strict=True):
+                p.sub_(lr * g)
+    got = _params(client.model)
+    for n, p in params.items():
+        torch.testing.assert_close(got[n], p.detach(), rtol=1e-5, atol=1e-6, msg=n)
+
+
 def test_gradient_offsets_shift_trainable_gradients_sum_raw_ones_and_leave_no_hook():
     from pflbench.methods._generic import gradient_offsets
 
