@@ -346,6 +346,7 @@ def test_summarize_clients_case_counts_checks():
         summarize_clients(scores, {"a": 2, "b": -1})
     # zero counts are allowed; all zero leaves the weighted mean undefined
     assert summarize_clients(scores, {"a": 0, "b": 3})["case_weighted"] == pytest.approx(0.7)
+    assert summarize_clients(scores, {"a": 0, "b": 1})["case_weighted"] == pytest.approx(0.7)
     assert math.isnan(summarize_clients(scores, {"a": 0, "b": 0})["case_weighted"])
     low = summarize_clients({"a": 3.0, "b": 1.0, "c": 2.0}, higher_is_better=False)
     assert (low["worst_client"], low["best_client"]) == (3.0, 1.0)
