@@ -66,6 +66,23 @@ def test_scaffold_first_round_with_zero_variates_is_bitwise_fedavg():
     assert not torch.equal(sc2.models["site0"]["head.weight"], avg2.models["site0"]["head.weight"])
 
 
+def scaffold_round_from_random_variates(work: dict, seed: int):
+    """One SCAFFOLD local round of a fresh client that holds random server and client variates
+    (c, cᵢ), with the suite's ``work``: (its batches, c, cᵢ, the client after the round)."""
+    batches = list(make_client(tiny_unet(), **work).batches())
+    shapes = _params(tiny_unet())
+    torch.manual_seed(seed)
+    c = {n: 0.1 * torch.randn_like(t) for n, t in shapes.items()}
+    c_i = {n: 0.1 * torch.randn_like(t) for n, t in shapes.items()}
+    client = make_client(
+        tiny_unet(),
+        state={scaffold_module.SERVER_C: dict(c), scaffold_module.CLIENT_C: dict(c_i)},
+        **work,
+    )
+    get_method("scaffold")().local_update(client)
+    return batches, c, c_i, client
+
+
 def _corrected_sgd_by_hand(batches, lr, offset):
     """SCAFFOLD's local solver from its definition: y ← y − η(g(y) + c − cᵢ); returns the end
     point and the raw gradients g(y_k) along the way."""
@@ -85,17 +102,7 @@ def _corrected_sgd_by_hand(batches, lr, offset):
 def test_scaffold_local_step_and_option_two_variate_on_a_hand_computed_example():
     lr, steps = 0.05, 3
     work = {"epochs": None, "steps": steps, "lr": lr, **SGD}
-    batches = list(make_client(tiny_unet(), **work).batches())
-    shapes = _params(tiny_unet())
-    torch.manual_seed(7)
-    c = {n: 0.1 * torch.randn_like(t) for n, t in shapes.items()}
-    c_i = {n: 0.1 * torch.randn_like(t) for n, t in shapes.items()}
-    client = make_client(
-        tiny_unet(),
-        state={scaffold_module.SERVER_C: dict(c), scaffold_module.CLIENT_C: dict(c_i)},
-        **work,
-    )
-    get_method("scaffold")().local_update(client)
+    batches, c, c_i, client = scaffold_round_from_random_variates(work, seed=7)
     offset = {n: c[n] - c_i[n] for n in c}
     end, grads = _corrected_sgd_by_hand(batches, lr, offset)
     got = _params(client.model)

@@ -13,6 +13,7 @@ import re
 import pytest
 import torch
 from method_helpers import make_client, tiny_unet
+from test_methods_generic import scaffold_round_from_random_variates
 from torch import nn
 
 from pflbench.messages import Upload
@@ -79,17 +80,8 @@ def test_scaffold_auto_under_sgd_with_momentum_is_literal_option_two():
         "momentum": rho,
         "weight_decay": 0.0,
     }
-    batches = list(make_client(tiny_unet(), **work).batches())
+    batches, c, c_i, client = scaffold_round_from_random_variates(work, seed=11)
     shapes = _params(tiny_unet())
-    torch.manual_seed(11)
-    c = {n: 0.1 * torch.randn_like(t) for n, t in shapes.items()}
-    c_i = {n: 0.1 * torch.randn_like(t) for n, t in shapes.items()}
-    client = make_client(
-        tiny_unet(),
-        state={scaffold_module.SERVER_C: dict(c), scaffold_module.CLIENT_C: dict(c_i)},
-        **work,
-    )
-    get_method("scaffold")().local_update(client)
     # by hand: heavy-ball SGD on g + c − cᵢ (buf ← ρ·buf + d, y ← y − η·buf), then option II
     model = tiny_unet().train()
     params = dict(model.named_parameters())
