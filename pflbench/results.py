@@ -14,7 +14,7 @@ Layout of one finished run (``<out>/results/<run_key>/``)::
                      figure (:mod:`pflbench.qualitative`); runs written before it, tuning runs
                      and runs with ``protocol.qualitative_cases: 0`` have none
     manifest.json    the run's configuration and provenance (run_key, dataset, method, params,
-                     seed, label, protocol, model, data fingerprint, git, versions, threads,
+                     seed, label, protocol, model, data fingerprint, git, versions, processor, threads,
                      device, timings, peak memory, budget, bytes, partition sizes of the
                      method's base partition and of each client's own)
     DONE             written last; a folder without it is an unfinished run and is ignored
