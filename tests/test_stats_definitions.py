@@ -586,3 +586,187 @@ def test_comparison_too_few_counts_the_family():
     assert stats.analyze(m, n_resamples=0, bayes=False).too_few
     # all 6 pairs of 4 methods in one family: too few
     assert stats.analyze(m[cols[:4]], n_resamples=0, bayes=False, family="pairs").too_few
+
+
+# --------------------------------------------------------------------------------------------
+# Defaults: the report calls these with their defaults, so its numbers are the defaults' numbers
+# --------------------------------------------------------------------------------------------
+
+# ten paired differences with six digits, not symmetric about their mean: BCa and percentile
+# differ, and so do neighbouring order statistics of the resampled means (round values such as
+# 0.031 make many resampled means equal, and another resample count the same interval)
+TEN = np.array(
+    [
+        0.023772,
+        0.016037,
+        0.039213,
+        0.023147,
+        0.00393,
+        0.030848,
+        0.05912,
+        0.048412,
+        -0.001112,
+        -0.017963,
+    ]
+)
+
+
+def _scipy_ci(d: np.ndarray, method: str, n: int = 9999, seed: int = 0) -> tuple[float, float]:
+    ci = sps.bootstrap(
+        (d,),
+        np.mean,
+        confidence_level=0.95,
+        n_resamples=n,
+        method=method,
+        **{stats._BOOTSTRAP_RNG: np.random.default_rng(seed)},
+    ).confidence_interval
+    return float(ci.low), float(ci.high)
+
+
+def test_default_bootstrap_is_9999_resamples_seeded_zero_with_bca_from_ten_blocks():
+    """A published CI is reproducible only if the defaults stay the documented ones: 95 %,
+    9999 resamples, generator seed 0, BCa from N = 10 on and percentile below."""
+    lo, hi = _scipy_ci(TEN, "BCa")
+    assert stats.bootstrap_ci(TEN) == (
+        pytest.approx(lo, abs=1e-15),
+        pytest.approx(hi, abs=1e-15),
+        "BCa",
+    )
+    assert (lo, hi) != _scipy_ci(TEN, "BCa", n=10000) and (lo, hi) != _scipy_ci(TEN, "BCa", seed=1)
+    lo, hi = _scipy_ci(TEN[:9], "percentile")
+    assert stats.bootstrap_ci(TEN[:9]) == (lo, hi, "percentile")
+
+
+def test_compare_and_analyze_bootstrap_with_the_default_resamples_and_a_seed_per_row():
+    m = pd.DataFrame({"fedavg": np.linspace(0.5, 0.8, 10), "a": np.linspace(0.5, 0.8, 10) + TEN})
+    m["b"] = m["fedavg"] - TEN[::-1]
+    comp = stats.analyze(m, bayes=False)
+    rows = comp.vs_reference.set_index("a")
+    for i, name in enumerate(("a", "b")):  # row i draws from seed 0 + i
+        lo, hi, how = stats.bootstrap_ci(
+            (m[name] - m["fedavg"]).to_numpy(), n_resamples=9999, seed=i
+        )
+        assert (
+            rows.loc[name, "ci_low"],
+            rows.loc[name, "ci_high"],
+            rows.loc[name, "ci_method"],
+        ) == (
+            lo,
+            hi,
+            how,
+        )
+    direct = stats.compare(m, [("a", "fedavg")])
+    assert (direct.loc[0, "ci_low"], direct.loc[0, "ci_high"]) == (
+        rows.loc["a", "ci_low"],
+        rows.loc["a", "ci_high"],
+    )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("baycomp") is None, reason="baycomp not installed")
+def test_default_bayesian_test_is_5000_samples_seeded_zero_with_the_practical_rope():
+    import baycomp
+
+    a = 0.6 + TEN
+    b = np.full(10, 0.6) + 0.01 * np.cos(np.arange(10))
+    left, rope, right = baycomp.SignedRankTest.probs(
+        b, a, rope=stats.PRACTICAL, nsamples=5000, random_state=0
+    )
+    assert stats.bayesian_signed_rank(a, b) == (right, rope, left)
+    assert stats.bayesian_signed_rank(a, b) != stats.bayesian_signed_rank(a, b, nsamples=5001)
+    assert stats.bayesian_signed_rank(a, b) != stats.bayesian_signed_rank(a, b, seed=1)
+
+
+def test_friedman_ranks_higher_as_better_by_default():
+    np.testing.assert_allclose(
+        stats.friedman(SMALL).mean_ranks.to_numpy(), SMALL_RANKS.mean(axis=0)
+    )
+    assert stats.friedman(SMALL[["fedavg", "a"]]).available is False
+
+
+def test_friedman_of_all_ties_keeps_its_shape_and_mean_ranks():
+    ties = pd.DataFrame({"x": [0.5, 0.7], "y": [0.5, 0.7], "z": [0.5, 0.7]})
+    res = stats.friedman(ties)
+    assert (res.k, res.n) == (3, 2)
+    assert res.mean_ranks.to_dict() == {"x": 2.0, "y": 2.0, "z": 2.0}
+
+
+def test_analyze_passes_direction_and_alpha_to_friedman_and_nemenyi():
+    """Lower is better: rank r becomes k + 1 − r (the tie 2.5/2.5 becomes 1.5/1.5)."""
+    comp = stats.analyze(SMALL, higher_is_better=False, alpha=0.1, n_resamples=0, bayes=False)
+    np.testing.assert_allclose(comp.friedman.mean_ranks.to_numpy(), 4 - SMALL_RANKS.mean(axis=0))
+    s = comp.summary.set_index("method")
+    np.testing.assert_allclose(
+        s.loc[list(SMALL.columns), "mean_rank"].to_numpy(), 4 - SMALL_RANKS.mean(axis=0)
+    )
+    assert comp.nemenyi_q == stats.nemenyi_q(3, 0.1) != stats.nemenyi_q(3)
+    assert comp.nemenyi_cd == pytest.approx(stats.nemenyi_q(3, 0.1) * math.sqrt(3 * 4 / 48))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("baycomp") is None, reason="baycomp not installed")
+@pytest.mark.parametrize("higher", [True, False])
+def test_analyze_pairs_family_bayes_uses_the_practical_margin_and_the_orientation(higher):
+    """Differences of a few hundredths, beside a ROPE of 0.03: scaling them or dropping the
+    margin moves the probabilities; a, better by 0.045 on average, must come out better."""
+    base = np.linspace(0.5, 0.8, 10)
+    m = pd.DataFrame({"fedavg": base, "a": base + 2 * TEN, "b": base - TEN[::-1] / 3})
+    if not higher:
+        m = 1.0 - m
+    comp = stats.analyze(m, higher_is_better=higher, practical=0.03, n_resamples=0, family="pairs")
+    sign = 1.0 if higher else -1.0
+    for _, row in comp.vs_reference.iterrows():
+        exp = stats.bayesian_signed_rank(
+            sign * m[row["a"]].to_numpy(), sign * m["fedavg"].to_numpy(), 0.03
+        )
+        assert (row["p_a_better"], row["p_rope"], row["p_b_better"]) == exp
+        assert exp != stats.bayesian_signed_rank(
+            sign * m[row["a"]].to_numpy(), sign * m["fedavg"].to_numpy()
+        )
+    a = comp.vs_reference.set_index("a").loc["a"]
+    assert a["p_a_better"] > 0.5 > a["p_b_better"]
+
+
+def test_analyze_pairs_family_bayes_columns_are_nan_when_the_test_gives_nothing(monkeypatch):
+    monkeypatch.setattr(stats, "bayesian_signed_rank", lambda *a, **k: None)
+    comp = stats.analyze(SMALL, n_resamples=0, family="pairs")
+    assert comp.vs_reference[["p_a_better", "p_rope", "p_b_better"]].isna().all().all()
+    assert len(comp.vs_reference) == 2
+
+
+def _bootstrap_where_bca(monkeypatch, bca):
+    """scipy's bootstrap with the BCa call replaced: ``bca`` raises or returns an interval."""
+    real = sps.bootstrap
+    calls = []
+
+    def fake(*args, method="BCa", **kwargs):
+        calls.append(method)
+        if method == "BCa":
+            return bca()
+        return real(*args, method=method, **kwargs)
+
+    monkeypatch.setattr(stats.sps, "bootstrap", fake)
+    return calls
+
+
+def test_bootstrap_ci_goes_on_to_percentile_when_bca_raises(monkeypatch):
+    def boom():
+        raise ValueError("degenerate jackknife")
+
+    lo, hi = _scipy_ci(TEN, "percentile")
+    calls = _bootstrap_where_bca(monkeypatch, boom)
+    assert stats.bootstrap_ci(TEN) == (lo, hi, "percentile")
+    assert calls == ["BCa", "percentile"]
+
+
+def test_bootstrap_ci_goes_on_to_percentile_when_one_end_of_bca_is_not_finite(monkeypatch):
+    half = type("R", (), {"confidence_interval": type("CI", (), {"low": 0.01, "high": math.nan})})
+    _bootstrap_where_bca(monkeypatch, lambda: half)
+    assert stats.bootstrap_ci(TEN)[2] == "percentile"
+
+
+def test_bootstrap_ci_says_failed_when_no_method_gives_an_interval(monkeypatch):
+    def boom(*args, **kwargs):
+        raise ValueError("no interval")
+
+    monkeypatch.setattr(stats.sps, "bootstrap", boom)
+    lo, hi, how = stats.bootstrap_ci(TEN)
+    assert math.isnan(lo) and math.isnan(hi) and how == "failed"
