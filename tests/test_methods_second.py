@@ -9,7 +9,7 @@ from method_helpers import make_client, run, state_of, tiny_federation, tiny_une
 from torch import nn
 
 from pflbench.client import Budget
-from pflbench.messages import Upload
+from pflbench.messages import Message, Upload
 from pflbench.methods.fedsm import (
     BANK,
     PERSONAL,
@@ -110,8 +110,48 @@ def test_fedbabu_head_only_fine_tuning_keeps_the_body_parameters():
 def test_fedbabu_refuses_a_model_without_a_declared_head():
     model = tiny_unet()
     model.head_path = ""
-    with pytest.raises(PartitionError, match="head_path"):
+    with pytest.raises(PartitionError, match="^fedbabu: model .* declares no 'head_path'"):
         get_method("fedbabu")().partition(model)
+    # the training and the head-only fine-tuning find the head themselves: the same refusal
+    client = make_client(model)
+    with pytest.raises(PartitionError, match="^fedbabu: model .* declares no 'head_path'"):
+        get_method("fedbabu")().local_update(client)
+    with pytest.raises(PartitionError, match="^fedbabu: model .* declares no 'head_path'"):
+        get_method("fedbabu")(finetune="head").eval_model(client)
+
+
+def test_fedbabu_default_fine_tuning_trains_body_and_head_on_a_copy_for_its_epochs():
+    """finetune="all" (the paper's and PFLlib's fine_tune(['base', 'head'])): every parameter of
+    the evaluated copy moves; τ_f epochs over the site's images are counted as finetune."""
+    budget = Budget()
+    client = make_client(tiny_unet(), budget=budget)
+    before = state_of(client.model)
+    tuned = get_method("fedbabu")(finetune_epochs=2).eval_model(client)
+    for k, v in tuned.named_parameters():
+        assert not torch.equal(v, before[k]), k
+    assert budget.samples == {"finetune": 2 * len(client.train_data.images)}
+    for k, v in client.model.state_dict().items():  # the client's own model is untouched
+        assert torch.equal(v, before[k]), k
+
+
+def test_fedbabu_head_only_fine_tuning_runs_its_own_epochs_and_state():
+    """finetune="head": τ_f epochs (not the suite's), counted as finetune, with the optimizer
+    state of the fine-tuning kept apart from training's under optimizer_state: persist."""
+    budget = Budget()
+    client = make_client(tiny_unet(), budget=budget, persist_optimizer=True, epochs=1)
+    get_method("fedbabu")(finetune="head", finetune_epochs=3).eval_model(client)
+    assert budget.samples == {"finetune": 3 * len(client.train_data.images)}
+    assert set(client.state) == {"_optimizer/finetune"}
+
+
+def test_fedbabu_with_zero_fine_tuning_epochs_evaluates_an_untouched_copy():
+    budget = Budget()
+    client = make_client(tiny_unet(), budget=budget, persist_optimizer=True)
+    tuned = get_method("fedbabu")(finetune_epochs=0).eval_model(client)
+    assert tuned is not client.model
+    for k, v in client.model.state_dict().items():
+        assert torch.equal(tuned.state_dict()[k], v), k
+    assert budget.samples == {} and client.state == {}  # no pass, no optimizer made
 
 
 # MR-MTL ------------------------------------------------------------------------------------------
@@ -155,6 +195,20 @@ def test_mrmtl_pulls_towards_the_received_mean_not_the_clients_own_model():
     for k, p in model.named_parameters():
         expected = -lr * 2.0 * (p.detach() - anchor[k])  # −lr·λ·(v − v̄)
         assert torch.allclose(moved[2.0][k] - moved[0.0][k], expected, atol=1e-6), k
+
+
+def test_mrmtl_receive_stores_a_copy_of_the_mean_as_the_next_anchor():
+    model = tiny_unet()
+    entries = {k: v.detach() + 0.25 for k, v in model.named_parameters()}
+    client = make_client(tiny_unet())
+    own = state_of(client.model)
+    get_method("mrmtl")().receive(client, Message(entries=entries))
+    stored = client.state[MEAN]
+    assert set(stored) == set(entries)
+    for k, v in entries.items():
+        assert torch.equal(stored[k], v) and stored[k].data_ptr() != v.data_ptr(), k
+    for k, v in client.model.state_dict().items():  # v̄ is an anchor: vᵢ is not overwritten
+        assert torch.equal(v, own[k]), k
 
 
 # FedSM -------------------------------------------------------------------------------------------

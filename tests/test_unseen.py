@@ -91,6 +91,20 @@ def test_fedavg_newcomer_is_the_final_global_model_bit_for_bit():
     assert set(rows["client"]) == {HELD} and set(rows["regime"]) == {"zero_shot"}
 
 
+def test_mrmtl_newcomer_takes_the_broadcast_mean_for_every_parameter():
+    """MR-MTL's personal models never leave the clients; a new site gets the mean v̄ itself
+    (every parameter the broadcast carries) and BN statistics from its own images."""
+    cls = _recording("mrmtl")
+    fed, out = _run(tiny_federation(), cls(lam=0.5), regimes=["zero_shot"])
+    got = cls.newcomers[HELD]
+    final = cls.broadcasts[-1]
+    assert set(final.entries) == {k for k, _ in fed.model.named_parameters()}
+    for k, v in final.entries.items():
+        assert torch.equal(got[k], v), k
+        assert not torch.equal(got[k], fed.initial[k]), k  # the mean moved off the init
+    assert out.info["budget"]["newcomer_bn"] > 0  # running statistics: the site's own
+
+
 def _with_site(data: FederatedData, name: str, **change) -> FederatedData:
     sites = [dataclasses.replace(s, **change) if s.name == name else s for s in data.sites]
     return dataclasses.replace(data, sites=sites)
