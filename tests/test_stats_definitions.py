@@ -7,6 +7,7 @@ Iman–Davenport, rank sums) written out here, or from the library that defines 
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import math
 
@@ -291,6 +292,21 @@ def test_holm_of_a_family_of_one_and_of_nothing():
     assert stats.holm([1.5]).tolist() == [1.0]  # capped even alone
     assert np.isnan(stats.holm([math.nan, math.nan])).all()
     assert stats.holm([]).shape == (0,)
+
+
+def test_holm_leaves_the_garbage_collectors_freeze_as_it_found_it():
+    """holm freezes the heap around statsmodels' gc.collect() (speed only); it must undo its own
+    freeze and keep a caller's."""
+    gc.unfreeze()  # a thawed start (harmless: frozen objects go back to the oldest generation)
+    stats.holm([0.01, 0.02, 0.04])
+    assert gc.get_freeze_count() == 0  # its own freeze undone
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        stats.holm([0.01, 0.02, 0.04])
+        assert gc.get_freeze_count() >= frozen > 0  # the caller's freeze kept
+    finally:
+        gc.unfreeze()
 
 
 # --------------------------------------------------------------------------------------------
