@@ -786,3 +786,63 @@ def test_bootstrap_ci_says_failed_when_no_method_gives_an_interval(monkeypatch):
     monkeypatch.setattr(stats.sps, "bootstrap", boom)
     lo, hi, how = stats.bootstrap_ci(TEN)
     assert math.isnan(lo) and math.isnan(hi) and how == "failed"
+
+
+# five blocks where a beats fedavg in each: the exact two-sided p is 2/2⁵ = 0.0625, out of reach
+# at α = 0.05 ("too few blocks") and significant at α = 0.1
+FIVE = pd.DataFrame({"fedavg": [0.50, 0.60, 0.55, 0.70, 0.65], "a": [0.53, 0.64, 0.60, 0.76, 0.72]})
+
+
+def test_compare_and_analyze_judge_with_the_alpha_they_are_given():
+    at_05 = stats.compare(FIVE, [("a", "fedavg")], n_resamples=0)
+    assert bool(at_05.loc[0, "too_few"]) and math.isnan(at_05.loc[0, "p_holm"])
+    at_10 = stats.compare(FIVE, [("a", "fedavg")], alpha=0.1, n_resamples=0)
+    assert not at_10.loc[0, "too_few"] and at_10.loc[0, "p_holm"] == 0.0625
+    assert at_10.loc[0, "verdict"] == "significant (better)"
+    comp = stats.analyze(FIVE, alpha=0.1, n_resamples=0, bayes=False)
+    assert comp.vs_reference.loc[0, "verdict"] == "significant (better)"
+    assert comp.pairs.loc[0, ["a", "b"]].tolist() == ["fedavg", "a"]
+    assert comp.pairs.loc[0, "verdict"] == "significant (worse)"
+
+
+def test_compare_bootstraps_from_a_single_resample_on():
+    one = stats.compare(FIVE, [("a", "fedavg")], n_resamples=1)
+    assert one.loc[0, "ci_method"] == "percentile" and np.isfinite(one.loc[0, "ci_low"])
+    assert stats.compare(FIVE, [("a", "fedavg")], n_resamples=0).loc[0, "ci_method"] == "none"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("baycomp") is None, reason="baycomp not installed")
+@pytest.mark.parametrize("higher", [True, False])
+def test_compare_and_analyze_bayes_near_the_rope_is_the_oriented_test_with_their_margin(higher):
+    """Differences of a few hundredths beside a ROPE of 0.03: scaling the oriented values or
+    dropping the margin would move the probabilities."""
+    base = np.linspace(0.5, 0.8, 10)
+    m = pd.DataFrame({"fedavg": base, "a": base + 2 * TEN})
+    if not higher:
+        m = 1.0 - m
+    sign = 1.0 if higher else -1.0
+    exp = stats.bayesian_signed_rank(sign * m["a"].to_numpy(), sign * m["fedavg"].to_numpy(), 0.03)
+    assert exp != stats.bayesian_signed_rank(
+        2 * sign * m["a"].to_numpy(), 2 * sign * m["fedavg"].to_numpy(), 0.03
+    )
+    row = stats.compare(
+        m, [("a", "fedavg")], higher_is_better=higher, practical=0.03, n_resamples=0, bayes=True
+    ).loc[0]
+    assert (row["p_a_better"], row["p_rope"], row["p_b_better"]) == exp
+    ref = stats.analyze(m, higher_is_better=higher, practical=0.03, n_resamples=0).vs_reference
+    assert tuple(ref.loc[0, ["p_a_better", "p_rope", "p_b_better"]]) == exp
+
+
+def test_compare_bayes_columns_are_nan_when_the_test_gives_nothing(monkeypatch):
+    monkeypatch.setattr(stats, "bayesian_signed_rank", lambda *a, **k: None)
+    out = stats.compare(FIVE, [("a", "fedavg")], n_resamples=0, bayes=True)
+    assert out[["p_a_better", "p_rope", "p_b_better"]].isna().all().all()
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_analyze_nemenyi_cd_for_one_block_and_none_for_no_blocks():
+    one = stats.analyze(FIVE.iloc[:1], n_resamples=0, bayes=False)
+    assert one.nemenyi_cd == stats.nemenyi_cd(2, 1)
+    empty = stats.analyze(FIVE.iloc[:0], n_resamples=0, bayes=False)
+    assert math.isnan(empty.nemenyi_cd)
