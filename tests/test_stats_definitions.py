@@ -846,3 +846,19 @@ def test_analyze_nemenyi_cd_for_one_block_and_none_for_no_blocks():
     assert one.nemenyi_cd == stats.nemenyi_cd(2, 1)
     empty = stats.analyze(FIVE.iloc[:0], n_resamples=0, bayes=False)
     assert math.isnan(empty.nemenyi_cd)
+
+
+@pytest.mark.parametrize("family", ["reference", "pairs"])
+def test_analyze_passes_resamples_seed_and_alpha_to_every_comparison(family):
+    m = pd.DataFrame({"fedavg": np.linspace(0.5, 0.8, 10), "a": np.linspace(0.5, 0.8, 10) + TEN})
+    comp = stats.analyze(m, n_resamples=499, seed=7, bayes=False, family=family)
+    d = (m["a"] - m["fedavg"]).to_numpy()
+    lo, hi, how = stats.bootstrap_ci(d, n_resamples=499, seed=7)  # the first row: seed + 0
+    row = comp.vs_reference.loc[0]
+    assert (row["ci_low"], row["ci_high"], row["ci_method"]) == (lo, hi, how)
+    assert list(comp.vs_reference.columns) == list(
+        stats.compare(m, [("a", "fedavg")], n_resamples=0).columns
+    )
+    five = stats.analyze(FIVE, alpha=0.1, n_resamples=0, bayes=False, family=family)
+    assert five.vs_reference.loc[0, "verdict"] == "significant (better)"
+    assert five.vs_reference.loc[0, "ci_method"] == "none"
