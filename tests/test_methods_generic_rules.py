@@ -488,10 +488,11 @@ def test_fedawa_loss_is_sim_plus_reg_for_either_distance(distance):
         awa_loss(t, w, clients, "l1")
 
 
-def test_fedawa_round_with_two_server_steps_and_a_gamma_by_hand():
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_fedawa_round_with_two_server_steps_and_a_gamma_by_hand(gamma):
     """Two Adam steps (lr η, betas (0.5, 0.999), written out) on the logits T, starting from
     T = w/Σw; the aggregate uses p = softmax(T) of the *last* step, before its update, times γ."""
-    lr, gamma = 0.01, 0.5
+    lr = 0.01
     model = nn.Sequential(nn.Linear(2, 1, bias=False), nn.BatchNorm1d(1))
     with torch.no_grad():
         model[0].weight.copy_(torch.tensor([[1.0, 0.0]]))
@@ -585,6 +586,26 @@ def test_fedrdn_statistics_are_per_image_channel_moments_averaged_over_images():
     flat[:, 1] = 5.0  # channel 1 constant, channel 0 not: one constant channel is refused
     with pytest.raises(ValueError, match=_exactly(message)):
         channel_statistics(flat, "flat")
+
+
+def test_fedrdn_setup_names_its_client_and_local_training_is_the_suites_budget():
+    import dataclasses
+
+    from pflbench.client import Budget
+
+    m = get_method("fedrdn")()
+    budget = Budget()
+    client = make_client(tiny_unet(), budget=budget, epochs=2)
+    own = m.setup(client)
+    m.receive_setup(client, m.setup_server({client.id: own})[client.id])
+    m.local_update(client)
+    assert budget.samples == {"local": 2 * len(client.train_data.images)}
+    flat = make_client(tiny_unet(), site=1)
+    flat._train = dataclasses.replace(
+        flat.train_data, images=torch.full_like(flat.train_data.images, 0.5)
+    )
+    with pytest.raises(ValueError, match="^fedrdn: site 'site1' has a channel"):
+        m.setup(flat)
 
 
 def test_fedrdn_normalizes_each_channel_of_images_and_volumes():

@@ -105,6 +105,27 @@ def test_mrmtl_newcomer_takes_the_broadcast_mean_for_every_parameter():
     assert out.info["budget"]["newcomer_bn"] > 0  # running statistics: the site's own
 
 
+def test_fedrdn_newcomer_is_the_global_model_on_inputs_normalized_by_its_own_statistics():
+    """FedRDN's evaluation rule for a new site: the final global model, its inputs normalized
+    with the channel statistics of the site's own unlabelled train images."""
+    from pflbench.methods.fedrdn import channel_statistics
+
+    seen = {}
+
+    class Capture(_recording("fedrdn")):
+        def newcomer_model(self, view, site):
+            seen[site.id] = site.train_data.images.clone()
+            return super().newcomer_model(view, site)
+
+    _run(tiny_federation(), Capture(), regimes=["zero_shot"])
+    got = Capture.newcomers[HELD]
+    for k, v in Capture.broadcasts[-1].entries.items():
+        assert torch.equal(got[f"model.{k}"], v), k
+    own = channel_statistics(seen[HELD], HELD)
+    assert torch.equal(got["mean"], own["mean"]) and torch.equal(got["std"], own["std"])
+    assert set(Capture.newcomers) == {HELD}  # only the held-out site is a newcomer
+
+
 def _with_site(data: FederatedData, name: str, **change) -> FederatedData:
     sites = [dataclasses.replace(s, **change) if s.name == name else s for s in data.sites]
     return dataclasses.replace(data, sites=sites)
