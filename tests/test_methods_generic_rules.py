@@ -479,10 +479,11 @@ def test_fedawa_loss_is_sim_plus_reg_for_either_distance(distance):
     w = torch.tensor([1.0, 0.0, 2.0])
     clients = torch.tensor([[1.0, 1.0, 2.0], [2.0, 0.0, 1.0], [0.0, -1.0, 3.0]])
     t = torch.tensor([0.2, 0.5, 0.3])
-    loss, p = awa_loss(t, w, clients, distance)
-    want, want_p = _awa_loss_by_hand(t, w, list(clients), distance)
-    torch.testing.assert_close(p, want_p)
-    torch.testing.assert_close(loss, want)
+    for scale in (1.0, 0.1):  # 0.1: norms below 1, where a wrong eps in the cosine would show
+        loss, p = awa_loss(t, scale * w, scale * clients, distance)
+        want, want_p = _awa_loss_by_hand(t, scale * w, list(scale * clients), distance)
+        torch.testing.assert_close(p, want_p)
+        torch.testing.assert_close(loss, want)
     message = "fedawa: unknown reg_distance 'l1'; expected cos or euc"
     with pytest.raises(ValueError, match=_exactly(message)):
         awa_loss(t, w, clients, "l1")
@@ -606,6 +607,9 @@ def test_fedrdn_setup_names_its_client_and_local_training_is_the_suites_budget()
     )
     with pytest.raises(ValueError, match="^fedrdn: site 'site1' has a channel"):
         m.setup(flat)
+    # a newcomer's statistics are taken first, from its own images: the same refusal by name
+    with pytest.raises(ValueError, match="^fedrdn: site 'site1' has a channel"):
+        m.newcomer_model(None, flat)
 
 
 def test_fedrdn_normalizes_each_channel_of_images_and_volumes():
