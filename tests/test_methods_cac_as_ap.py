@@ -22,6 +22,7 @@ from pflbench.methods.fedcac import (
     CRITICAL,
     collaboration_threshold,
     critical_mask,
+    overlap,
     sensitivity,
 )
 from pflbench.params import ParamError
@@ -71,6 +72,39 @@ def test_fedcac_critical_mask_follows_the_official_threshold_rules():
     assert critical_mask(T([0.0, 0.3, 0.0, 0.2]), 0.75).tolist() == [False, True, False, True]
     # ⌊τ·n⌋ = 0: nothing is critical
     assert not critical_mask(T([1.0, 2.0, 3.0]), 0.3).any()
+
+
+def test_fedcac_numerically_zero_threshold_is_at_most_1e_10_and_moved_means_above_1e_20():
+    """The official constants, at their boundaries (float64 scores hold them exactly): a
+    threshold of exactly 1e-10 counts as zero; a score of exactly 1e-20 has not moved."""
+    d = torch.float64
+    at_zero = critical_mask(torch.tensor([1e-10, 1e-15, 0.0, 0.0], dtype=d), 0.25)
+    assert at_zero.tolist() == [True, True, False, False]  # lowered to 1e-15
+    not_moved = critical_mask(torch.tensor([1e-12, 1e-20, 0.0, 0.0], dtype=d), 0.25)
+    assert not_moved.tolist() == [True, False, False, False]  # 1e-20 is not above 1e-20
+
+
+def test_fedcac_overlap_is_one_minus_the_mask_difference_over_twice_its_own_count():
+    mine, other = T([1, 1, 0, 0]).bool(), T([1, 0, 1, 0]).bool()
+    assert overlap(mine, other) == 1.0 - 2 / (2 * 2)
+    assert overlap(mine, T([1, 1, 1, 1]).bool()) == 1.0 - 2 / (2 * 2)
+    assert overlap(T([1, 0, 0, 0]).bool(), T([1, 1, 1, 0]).bool()) == 1.0 - 2 / (2 * 1)  # < 0
+    assert overlap(T([0, 0, 0, 0]).bool(), mine) == 0.0  # no critical entry: no overlap
+    assert collaboration_threshold({}, 3, 100.0) == math.inf  # a lone uploader
+
+
+def test_fedcac_upload_sends_the_clients_critical_masks_beside_its_parameters():
+    client = make_client(tiny_unet(0), lr=3e-2)
+    method = get_method("fedcac")(tau=0.3)
+    method.local_update(client)
+    up = method.upload(client)
+    assert up is not None and up.weight == client.weight
+    params = dict(client.model.named_parameters())
+    assert set(up.entries) >= set(params)
+    for k, m in client.state[CRITICAL].items():
+        assert torch.equal(up.extras[CRITICAL][k], m), k
+        assert up.extras[CRITICAL][k] is not m  # a copy: the client's masks stay its own
+        assert torch.equal(up.entries[k], params[k].detach()), k
 
 
 def test_fedcac_local_update_records_the_masks_of_its_own_training_step():
