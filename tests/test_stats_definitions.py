@@ -862,3 +862,22 @@ def test_analyze_passes_resamples_seed_and_alpha_to_every_comparison(family):
     five = stats.analyze(FIVE, alpha=0.1, n_resamples=0, bayes=False, family=family)
     assert five.vs_reference.loc[0, "verdict"] == "significant (better)"
     assert five.vs_reference.loc[0, "ci_method"] == "none"
+
+
+def test_analyze_records_its_settings_and_keeps_bayes_off_the_pairs_table():
+    comp = stats.analyze(SMALL, higher_is_better=False, alpha=0.1, practical=0.03, n_resamples=0)
+    assert (comp.higher_is_better, comp.alpha, comp.practical) == (False, 0.1, 0.03)
+    assert comp.family == "reference"
+    assert "p_a_better" in comp.vs_reference.columns  # bayes on: vs the reference only
+    assert "p_a_better" not in comp.pairs.columns
+
+
+def test_analyze_summary_columns_and_spread_over_two_blocks():
+    two = stats.analyze(SMALL.iloc[:2], n_resamples=0, bayes=False)
+    s = two.summary.set_index("method")
+    for c in SMALL.columns:  # two blocks: the sample standard deviation exists
+        assert s.loc[c, "std_blocks"] == pytest.approx(SMALL[c].iloc[:2].std(ddof=1))
+    expected = ["method", "mean", "std_blocks", "mean_rank", "is_reference"]
+    assert list(two.summary.columns[: len(expected)]) == expected
+    assert "index" not in two.summary.columns
+    assert list(two.summary.index) == list(range(len(SMALL.columns)))
