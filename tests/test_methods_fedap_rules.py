@@ -25,7 +25,10 @@ T = torch.tensor
 
 @pytest.fixture(autouse=True)
 def _one_thread():
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)  # the rest of the session keeps its own setting
 
 
 def _exact(message: str) -> str:
