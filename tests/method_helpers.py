@@ -9,7 +9,7 @@ import torch
 from conftest import TINY_MODEL, fast_protocol, tiny_federation
 
 from pflbench.client import Budget, Client, LocalWork
-from pflbench.data import FederatedData, make_splits
+from pflbench.data import FederatedData, SiteData, make_splits
 from pflbench.engine import Federation, RunOutput
 from pflbench.method import Method
 from pflbench.models import UNet
@@ -58,9 +58,11 @@ def make_client(
     round: int = 1,
     budget: Budget | None = None,
     persist_optimizer: bool = False,
+    data: SiteData | None = None,
     **work: Any,
 ) -> Client:
-    """A lone client over site ``site`` of the tiny federation (all its images as training data)."""
+    """A lone client over site ``site`` of the tiny federation (all its images as training data),
+    or over ``data`` when given (named as site ``site``)."""
     base = {
         "epochs": 1,
         "steps": None,
@@ -77,7 +79,7 @@ def make_client(
         f"site{site}",
         model,
         {} if state is None else state,
-        tiny_federation().sites[site],
+        tiny_federation().sites[site] if data is None else data,
         LocalWork(**base),
         round=round,
         seed=0,
@@ -104,3 +106,12 @@ __all__ = [
     "tiny_federation",
     "tiny_unet",
 ]
+
+
+def assert_untouched_copy(tuned: torch.nn.Module, client: Client, budget: Budget) -> None:
+    """An evaluation that does no pass: a copy of the client's model, equal entry for entry, and
+    nothing counted or stored (no optimizer made)."""
+    assert tuned is not client.model
+    for k, v in client.model.state_dict().items():
+        assert torch.equal(tuned.state_dict()[k], v), k
+    assert budget.samples == {} and client.state == {}

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from method_helpers import make_client, state_of, tiny_federation, tiny_unet
 from torch import nn
 
-from pflbench.client import Budget, Client, LocalWork
+from pflbench.client import Budget, Client
 from pflbench.data import SiteData
 from pflbench.messages import Message, Upload
 from pflbench.methods.fedas import TRACE, alignment_loss, fisher_trace, nll, pixel_classes
@@ -46,29 +46,8 @@ def _three_label_site(n: int = 10) -> SiteData:
 
 
 def _client(model: nn.Module, site: SiteData, budget: Budget | None = None, **work) -> Client:
-    base = {
-        "epochs": 1,
-        "steps": None,
-        "batch_size": 4,
-        "optimizer": "adam",
-        "lr": 1e-2,
-        "weight_decay": 0.0,
-        "momentum": 0.0,
-        "augment": False,
-        "shuffle": False,
-    }
-    base.update(work)
-    return Client(
-        "site0",
-        model,
-        {},
-        site,
-        LocalWork(**base),
-        round=2,
-        seed=0,
-        device=torch.device("cpu"),
-        budget=budget if budget is not None else Budget(),
-    )
+    """A round-2 client over ``site`` with its batches in order."""
+    return make_client(model, budget=budget, data=site, round=2, **{"shuffle": False, **work})
 
 
 def _body_names(model: nn.Module) -> list[str]:

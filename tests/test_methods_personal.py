@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 from method_helpers import (
+    assert_untouched_copy,
     capturing,
     floating,
     make_client,
@@ -430,10 +431,7 @@ def test_fedavg_ft_with_zero_steps_evaluates_the_global_model_untouched():
     budget = Budget()
     client = make_client(tiny_unet(), budget=budget, persist_optimizer=True)
     tuned = get_method("fedavg-ft")(finetune_steps=0).eval_model(client)
-    assert tuned is not client.model
-    for k, v in client.model.state_dict().items():
-        assert torch.equal(tuned.state_dict()[k], v), k
-    assert budget.samples == {} and client.state == {}  # no pass, no optimizer made
+    assert_untouched_copy(tuned, client, budget)  # no pass, no optimizer made
 
 
 def test_fedavg_ft_keeps_its_fine_tuning_optimizer_apart_from_training():

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
-from method_helpers import make_client, run, state_of, tiny_federation, tiny_unet
+from method_helpers import (
+    assert_untouched_copy,
+    make_client,
+    run,
+    state_of,
+    tiny_federation,
+    tiny_unet,
+)
 from torch import nn
 
 from pflbench.client import Budget
@@ -148,10 +155,7 @@ def test_fedbabu_with_zero_fine_tuning_epochs_evaluates_an_untouched_copy():
     budget = Budget()
     client = make_client(tiny_unet(), budget=budget, persist_optimizer=True)
     tuned = get_method("fedbabu")(finetune_epochs=0).eval_model(client)
-    assert tuned is not client.model
-    for k, v in client.model.state_dict().items():
-        assert torch.equal(tuned.state_dict()[k], v), k
-    assert budget.samples == {} and client.state == {}  # no pass, no optimizer made
+    assert_untouched_copy(tuned, client, budget)  # no pass, no optimizer made
 
 
 # MR-MTL ------------------------------------------------------------------------------------------
