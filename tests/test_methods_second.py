@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pandas as pd
 import pytest
 import torch
@@ -125,6 +127,17 @@ def test_fedbabu_refuses_a_model_without_a_declared_head():
         get_method("fedbabu")().local_update(client)
     with pytest.raises(PartitionError, match="^fedbabu: model .* declares no 'head_path'"):
         get_method("fedbabu")(finetune="head").eval_model(client)
+
+
+def test_fedbabu_refuses_a_head_without_parameters_naming_it():
+    model = tiny_unet()
+    model.head = nn.Identity()
+    text = (
+        "fedbabu: the personal part (head 'head') of model UNet is empty, so fedbabu would "
+        "silently be FedAvg; use a model where it is not empty"
+    )
+    with pytest.raises(PartitionError, match="^" + re.escape(text) + "$"):
+        get_method("fedbabu")().partition(model)
 
 
 def test_fedbabu_default_fine_tuning_trains_body_and_head_on_a_copy_for_its_epochs():

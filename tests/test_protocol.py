@@ -197,7 +197,11 @@ def test_client_weight_rules():
     assert client_weight(8, 4, "batches") == 2.0
     assert client_weight(9, 4, "samples") == 9.0
     assert client_weight(9, 4, "uniform") == 1.0
-    with pytest.raises(ValueError, match="expected samples, batches or uniform"):
+    assert client_weight(9, 4) == 9.0  # the default is FedAvg's sample count
+    with pytest.raises(
+        ValueError,
+        match=r"^unknown aggregation weights 'size'; expected samples, batches or uniform$",
+    ):
         client_weight(9, 4, "size")  # type: ignore[arg-type]
 
 
