@@ -377,3 +377,128 @@ def test_older_result_folders_without_unseen_columns_still_load(tmp_path):
     assert old["regime"].isna().all() and old["held_out"].isna().all()
     unseen = cases[cases["split"] == "unseen"]
     assert unseen[["client", "regime", "held_out"]].values.tolist() == [["b", "zero_shot", "b"]]
+
+
+# the default newcomer rule, piece by piece ----------------------------------------------------------
+
+
+def _bn_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.BatchNorm2d(2), torch.nn.Conv2d(2, 1, 1)
+    )
+
+
+def test_server_view_broadcast_is_the_message_or_the_uniform_masked_average():
+    from pflbench.messages import Message
+    from pflbench.method import ServerView
+
+    one = Message(entries={"w": torch.tensor([1.0, 2.0])})
+    assert ServerView(initial={}).broadcast() is None
+    assert ServerView(initial={}, messages={"a": one, "b": one}).broadcast() is one
+    # different messages: each element averaged over the messages that carry it (uniformly,
+    # whatever the clients' sizes), a message's mask limiting what it carries
+    a = Message(entries={"w": torch.tensor([1.0, 2.0]), "b": torch.tensor([4.0])})
+    b = Message(
+        entries={"w": torch.tensor([3.0, 10.0]), "b": torch.tensor([8.0])},
+        masks={"w": torch.tensor([True, False])},
+    )
+    c = Message(entries={"w": torch.tensor([5.0, 6.0]), "b": torch.tensor([0.0])})
+    got = ServerView(initial={}, messages={"a": a, "b": b, "c": c}).broadcast()
+    torch.testing.assert_close(
+        got.entries["w"].double(), torch.tensor([3.0, 4.0], dtype=torch.float64)
+    )
+    torch.testing.assert_close(got.entries["b"].double(), torch.tensor([4.0], dtype=torch.float64))
+    # the same two objects for some ids and another for the rest is not "one broadcast"
+    mixed = ServerView(initial={}, messages={"a": a, "b": a, "c": c}).broadcast()
+    torch.testing.assert_close(
+        mixed.entries["b"].double(), torch.tensor([8 / 3], dtype=torch.float64)
+    )
+
+
+def test_missing_statistics_names_each_norm_layer_not_received_whole():
+    from pflbench.method import missing_statistics
+
+    net = _bn_net()
+    assert missing_statistics(net, set()) == ["1"]
+    assert missing_statistics(net, {"1.running_mean"}) == ["1"]
+    assert missing_statistics(net, {"1.running_mean", "1.running_var"}) == []
+    root = torch.nn.BatchNorm2d(2)  # a norm layer that is the model itself: keys without prefix
+    assert missing_statistics(root, {"running_mean"}) == [""]
+    assert missing_statistics(root, {"running_mean", "running_var"}) == []
+
+
+def test_default_newcomer_starts_from_the_initial_model_and_recomputes_only_what_it_lacks():
+    """Broadcast: the first conv and BN layer's statistics; personal average: the last conv.
+    The newcomer takes both, keeps the initial model elsewhere (never the site object's own
+    model), and recomputes no statistic it received."""
+    from method_helpers import make_client
+
+    from pflbench.client import Budget
+    from pflbench.messages import Message
+    from pflbench.method import Method, ServerView
+
+    initial = {k: v.clone() for k, v in _bn_net().state_dict().items()}
+    other = _bn_net()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(1.0)  # the site object's own model is not the initial one
+    sent = {
+        "0.weight": torch.full_like(initial["0.weight"], 0.5),
+        "1.running_mean": torch.tensor([0.3, -0.2]),
+        "1.running_var": torch.tensor([2.0, 3.0]),
+    }
+    personal = {"2.weight": torch.full_like(initial["2.weight"], -0.25)}
+    budget = Budget()
+    site = make_client(other, budget=budget)
+    site._train = dataclasses.replace(site.train_data, images=site.train_data.images[:, :1])
+    view = ServerView(
+        initial=initial, messages={"a": Message(entries=sent)}, personal=Message(entries=personal)
+    )
+    got = Method().newcomer_model(view, site).state_dict()
+    for k in ("0.weight", "1.running_mean", "1.running_var"):
+        assert torch.equal(got[k], sent[k]), k
+    assert torch.equal(got["2.weight"], personal["2.weight"])
+    for k in ("0.bias", "1.weight", "1.bias", "2.bias"):
+        assert torch.equal(got[k], initial[k]), k
+    assert "newcomer_bn" not in budget.samples  # every statistic was received
+    # the statistics only in the personal average: received too, nothing recomputed
+    view = ServerView(
+        initial=initial,
+        messages={"a": Message(entries={"0.weight": sent["0.weight"]})},
+        personal=Message(entries={k: sent[k] for k in ("1.running_mean", "1.running_var")}),
+    )
+    got = Method().newcomer_model(view, site).state_dict()
+    assert torch.equal(got["1.running_var"], sent["1.running_var"])
+    assert "newcomer_bn" not in budget.samples
+    # none received: recomputed from the site's images (its own, one pass)
+    view = ServerView(
+        initial=initial, messages={"a": Message(entries={"0.weight": sent["0.weight"]})}
+    )
+    got = Method().newcomer_model(view, site).state_dict()
+    assert budget.samples["newcomer_bn"] == len(site.train_data.images)
+    assert not torch.equal(got["1.running_var"], initial["1.running_var"])
+
+
+def test_default_newcomer_recomputes_only_the_norm_layers_it_did_not_receive():
+    from method_helpers import make_client
+
+    from pflbench.client import Budget
+    from pflbench.messages import Message
+    from pflbench.method import Method, ServerView
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 2, 3, padding=1), torch.nn.BatchNorm2d(2), torch.nn.BatchNorm2d(2)
+    )
+    initial = {k: v.clone() for k, v in net.state_dict().items()}
+    sent = {"1.running_mean": torch.tensor([0.3, -0.2]), "1.running_var": torch.tensor([2.0, 3.0])}
+    budget = Budget()
+    site = make_client(net, budget=budget)
+    site._train = dataclasses.replace(site.train_data, images=site.train_data.images[:, :1])
+    view = ServerView(initial=initial, messages={"a": Message(entries=sent)})
+    got = Method().newcomer_model(view, site).state_dict()
+    for k, v in sent.items():  # received: kept as sent, not recomputed
+        assert torch.equal(got[k], v), k
+    assert not torch.equal(got["2.running_var"], initial["2.running_var"])  # recomputed
+    assert budget.samples["newcomer_bn"] == len(site.train_data.images)
