@@ -387,3 +387,37 @@ def test_eval_model_sends_images_of_a_site_without_p_j_to_w(logits):
         out = model.eval()(x)
         ref = client.model.eval()(x)
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+class _Counted(torch.nn.Module):
+    """A segmentation model with a non-float buffer that is not BatchNorm's (BatchNorm fills a
+    missing ``num_batches_tracked`` itself, so it cannot show what the bank lacks)."""
+
+    def __init__(self, seed: int, calls: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv = torch.nn.Conv2d(1, 2, 3, padding=1)
+        self.register_buffer("calls", torch.tensor(calls))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+def test_eval_model_builds_p_j_from_the_banked_floats_and_w_s_other_entries():
+    client = make_client(_Counted(0, calls=7))
+    m = _fedsm()
+    m.receive_setup(client, {"label": 0, "sites": 2})
+    client.state[SELECTOR]["classifier.weight"].zero_()
+    client.state[SELECTOR]["classifier.bias"].copy_(T([0.0, 30.0]))
+    expert = _Counted(5, calls=3)
+    client.state["fedsm/bank"] = {
+        "1": {
+            "conv.weight": expert.conv.weight.detach().clone(),
+            "conv.bias": expert.conv.bias.detach().clone(),
+        }
+    }
+    model = m.eval_model(client)
+    x = client.train_data.images[:2]
+    with torch.no_grad():
+        assert torch.allclose(model.eval()(x), expert(x), rtol=1e-5, atol=1e-6)
+    assert int(model.experts[1].calls) == 7  # the bank sends float entries only: the rest is w's
