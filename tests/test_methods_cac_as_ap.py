@@ -33,11 +33,6 @@ from pflbench.suite import ModelSpec
 T = torch.tensor
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
-
-
 # FedCAC ------------------------------------------------------------------------------------------
 
 

@@ -23,14 +23,6 @@ from pflbench.registry import get_method
 T = torch.tensor
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)  # the rest of the session keeps its own setting
-
-
 def _exact(message: str) -> str:
     return "^" + re.escape(message) + "$"
 

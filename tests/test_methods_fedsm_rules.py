@@ -34,14 +34,6 @@ T = torch.tensor
 CONVS = ("features.0", "features.3", "features.6", "features.9")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)  # the rest of the session keeps its own setting
-
-
 def _exact(message: str) -> str:
     return "^" + re.escape(message) + "$"
 
