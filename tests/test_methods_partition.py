@@ -300,6 +300,61 @@ def test_fedrep_cached_head_epochs_are_reproducible_whatever_the_global_rng():
         assert torch.equal(out[0][k], out[1][k]), k
 
 
+class _Features(nn.Module):
+    """Only what FedRep's cache rule reads: ``feature_forward`` and (optionally)
+    ``feature_channels``."""
+
+    def __init__(self, channels: int | None = None) -> None:
+        super().__init__()
+        if channels is not None:
+            self.feature_channels = channels
+
+    def feature_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _site_of(n: int, side: int = 64):
+    from pflbench.data import SiteData
+
+    images = torch.zeros(n, 1, side, side)
+    labels = torch.zeros(n, side, side, dtype=torch.long)
+    return SiteData("site0", images, labels, [f"c{i}" for i in range(n)])
+
+
+def test_fedrep_caches_features_exactly_when_they_fit_the_memory_budget():
+    """N images of H×W pixels and C feature channels need N·H·W·C·4 bytes (float32): 16 images
+    of 64×64 with C = 4 are exactly 1 MiB, which fits feature_cache_mb = 1; 17 do not."""
+    fedrep = get_method("fedrep")(feature_cache_mb=1)
+    fits = fedrep._cache_fits
+    assert 16 * 64 * 64 * 4 * 4 == 2**20
+    assert fits(make_client(tiny_unet(), data=_site_of(16)), _Features(4))
+    assert not fits(make_client(tiny_unet(), data=_site_of(17)), _Features(4))
+    assert not get_method("fedrep")(feature_cache_mb=0)._cache_fits(
+        make_client(tiny_unet(), data=_site_of(1, side=2)), _Features(1)
+    )
+    small = make_client(tiny_unet(), data=_site_of(2, side=4))
+    assert fits(small, _Features(1))  # one channel is a channel
+    assert not fits(small, _Features(0))  # no declared channels: no cache
+    assert not fits(small, _Features())
+    assert not fits(small, nn.Conv2d(1, 1, 1))  # no feature_forward: the full forward pass
+
+
+def test_fedrep_names_where_its_head_step_diverged_and_itself_in_refusals():
+    from pflbench.training import Diverged
+
+    bad = tiny_unet()
+    with torch.no_grad():
+        bad.head.bias.fill_(float("nan"))
+    with pytest.raises(
+        Diverged, match=r"^non-finite loss \(nan\) in client site0 round 3 \(head\)$"
+    ):
+        get_method("fedrep")(head_epochs=1).train_head(make_client(bad, round=3))
+    headless = tiny_unet()
+    headless.head_path = ""
+    with pytest.raises(PartitionError, match=r"^fedrep: model UNet declares no 'head_path'"):
+        get_method("fedrep")().train_head(make_client(headless))
+
+
 def test_fedrep_cached_features_match_the_full_forward_head_step():
     """The cache is an optimisation: with one head epoch the two paths agree up to batch order."""
     init = state_of(tiny_unet())
