@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import torch
@@ -115,3 +116,8 @@ def assert_untouched_copy(tuned: torch.nn.Module, client: Client, budget: Budget
     for k, v in client.model.state_dict().items():
         assert torch.equal(tuned.state_dict()[k], v), k
     assert budget.samples == {} and client.state == {}
+
+
+def exactly(message: str) -> str:
+    """A ``pytest.raises(match=...)`` pattern for this message and nothing else."""
+    return "^" + re.escape(message) + "$"

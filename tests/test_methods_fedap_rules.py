@@ -7,11 +7,10 @@ Wasserstein distance (two layers, nonzero means on both sides), the similarity w
 from __future__ import annotations
 
 import math
-import re
 
 import pytest
 import torch
-from method_helpers import make_client, tiny_federation, tiny_unet
+from method_helpers import exactly, make_client, tiny_federation, tiny_unet
 from torch import nn
 
 from pflbench.client import Budget
@@ -21,10 +20,6 @@ from pflbench.partition import PartitionError
 from pflbench.registry import get_method
 
 T = torch.tensor
-
-
-def _exact(message: str) -> str:
-    return "^" + re.escape(message) + "$"
 
 
 def _close(expected: float) -> object:
@@ -62,7 +57,7 @@ def test_bn_input_stats_merge_every_batch_not_only_the_last_two():
 def test_bn_input_stats_refuse_an_empty_batch_stream():
     model = nn.Sequential(nn.BatchNorm2d(2), nn.Conv2d(2, 1, 1))
     with pytest.raises(
-        ValueError, match=_exact("fedap: no training batch to compute BN statistics from")
+        ValueError, match=exactly("fedap: no training batch to compute BN statistics from")
     ):
         bn_input_stats(model, [])
 
@@ -165,7 +160,7 @@ def test_fedap_refuses_a_model_without_batchnorm_naming_its_class():
         "fedap: model NoBatchNorm has no BatchNorm layer; FedAP compares clients by BatchNorm "
         "feature statistics (use norm: batch)"
     )
-    with pytest.raises(PartitionError, match=_exact(message)):
+    with pytest.raises(PartitionError, match=exactly(message)):
         method.partition(NoBatchNorm())
 
 
@@ -176,7 +171,7 @@ def test_fedap_refuses_batchnorm_layers_without_a_floating_entry_naming_them():
         "fedap: the personal part (BatchNorm layers) of model CountOnlyBatchNorm is empty, so "
         "fedap would silently be FedAvg; use a model where it is not empty"
     )
-    with pytest.raises(PartitionError, match=_exact(message)):
+    with pytest.raises(PartitionError, match=exactly(message)):
         get_method("fedap")().partition(model)
 
 
@@ -206,11 +201,11 @@ def test_fedap_aggregate_refuses_clients_without_bn_statistics_naming_round_and_
         "c": Upload(entries=entries, weight=1.0),
     }
     with pytest.raises(
-        RuntimeError, match=_exact("fedap round 2: no BN statistics from ['b', 'c']")
+        RuntimeError, match=exactly("fedap round 2: no BN statistics from ['b', 'c']")
     ):
         method.aggregate(ups, 2)
     # a's statistics were kept; once b sends its own only c is missing
     ups["b"] = Upload(entries=entries, weight=1.0, extras={STATS: _layer(1.0, 1.0)})
     ups["a"] = Upload(entries=entries, weight=1.0)
-    with pytest.raises(RuntimeError, match=_exact("fedap round 3: no BN statistics from ['c']")):
+    with pytest.raises(RuntimeError, match=exactly("fedap round 3: no BN statistics from ['c']")):
         method.aggregate(ups, 3)

@@ -11,12 +11,11 @@ foreground rule ``label > 0`` differs from ``>= 0``, ``> 1`` and from the raw la
 from __future__ import annotations
 
 import copy
-import re
 
 import pytest
 import torch
 import torch.nn.functional as F
-from method_helpers import make_client, state_of, tiny_federation, tiny_unet
+from method_helpers import exactly, make_client, state_of, tiny_federation, tiny_unet
 from torch import nn
 
 from pflbench.client import Budget, Client
@@ -29,10 +28,6 @@ from pflbench.registry import get_method
 from pflbench.training import Diverged
 
 T = torch.tensor
-
-
-def _exact(text: str) -> str:
-    return "^" + re.escape(text) + "$"
 
 
 def _three_label_site(n: int = 10) -> SiteData:
@@ -218,7 +213,7 @@ def test_a_non_finite_alignment_loss_is_refused_naming_the_client_round_and_pass
     glob[body[0]].fill_(float("nan"))  # the first convolution of the received body
     client = _client(model, site, batch_size=6)
     with pytest.raises(
-        Diverged, match=_exact("non-finite loss (nan) in client site0 round 2 (fedas-align)")
+        Diverged, match=exactly("non-finite loss (nan) in client site0 round 2 (fedas-align)")
     ):
         get_method("fedas")().align_and_load(client, Message(entries={k: glob[k] for k in body}))
 
@@ -308,7 +303,7 @@ def test_all_zero_traces_are_refused_word_for_word():
         "fedas round 4: every uploaded Fisher trace is zero ({'a': 0.0, 'b': 0.0}); the "
         "aggregation weights tr_i / Σ tr_j are undefined"
     )
-    with pytest.raises(ValueError, match=_exact(text)):
+    with pytest.raises(ValueError, match=exactly(text)):
         get_method("fedas")().aggregate(ups, 4)
 
 
@@ -360,12 +355,12 @@ def test_a_model_without_a_declared_head_is_refused_naming_fedas_and_the_model()
         "declared module path and cannot guess it from parameter names"
     )
     method = get_method("fedas")()
-    with pytest.raises(PartitionError, match=_exact(text)):
+    with pytest.raises(PartitionError, match=exactly(text)):
         method.partition(_Headless())
     client = make_client(_Headless())
-    with pytest.raises(PartitionError, match=_exact(text)):
+    with pytest.raises(PartitionError, match=exactly(text)):
         method.setup(client)
-    with pytest.raises(PartitionError, match=_exact(text)):
+    with pytest.raises(PartitionError, match=exactly(text)):
         method.prototypes(client, client.model)
 
 
@@ -374,7 +369,7 @@ def test_a_head_without_parameters_is_refused_as_silently_fedavg():
         "fedas: the personal part (head) of model _EmptyHead is empty, so fedas would silently "
         "be FedAvg; use a model where it is not empty"
     )
-    with pytest.raises(PartitionError, match=_exact(text)):
+    with pytest.raises(PartitionError, match=exactly(text)):
         get_method("fedas")().partition(_EmptyHead())
 
 
@@ -383,5 +378,5 @@ def test_a_model_without_feature_forward_is_refused_before_training():
         "fedas: model _Featureless has no feature_forward(x); "
         "FedAS aligns the body features entering the head"
     )
-    with pytest.raises(TypeError, match=_exact(text)):
+    with pytest.raises(TypeError, match=exactly(text)):
         get_method("fedas")().setup(make_client(_Featureless()))

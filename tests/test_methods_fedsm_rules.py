@@ -9,13 +9,12 @@ and the routed evaluation model with a partial bank."""
 
 from __future__ import annotations
 
-import re
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from method_helpers import make_client, state_of, tiny_unet
+from method_helpers import exactly, make_client, state_of, tiny_unet
 
 from pflbench.client import Budget
 from pflbench.messages import Message, Upload
@@ -32,10 +31,6 @@ from pflbench.training import Diverged
 
 T = torch.tensor
 CONVS = ("features.0", "features.3", "features.6", "features.9")
-
-
-def _exact(message: str) -> str:
-    return "^" + re.escape(message) + "$"
 
 
 def _fedsm(**hp):
@@ -339,7 +334,7 @@ def test_train_selector_refuses_a_non_finite_loss_naming_client_round_and_select
     m.receive_setup(client, {"label": 1, "sites": 2})
     client.state[SELECTOR]["classifier.bias"].fill_(float("nan"))
     with pytest.raises(
-        Diverged, match=_exact("non-finite loss (nan) in client site1 round 3 (selector)")
+        Diverged, match=exactly("non-finite loss (nan) in client site1 round 3 (selector)")
     ):
         m.train_selector(client)
 

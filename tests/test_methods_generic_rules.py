@@ -8,11 +8,9 @@ method and the client to whoever reads a failed run.
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
-from method_helpers import make_client, tiny_unet
+from method_helpers import exactly, make_client, tiny_unet
 from test_methods_generic import scaffold_round_from_random_variates
 from torch import nn
 
@@ -30,15 +28,11 @@ def _params(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def _exactly(message: str) -> str:
-    return "^" + re.escape(message) + "$"
-
-
 # SCAFFOLD ----------------------------------------------------------------------------------------
 
 
 def test_scaffold_refuses_to_aggregate_without_a_started_server_by_name():
-    message = _exactly("scaffold: aggregate before start_server (the server has no c)")
+    message = exactly("scaffold: aggregate before start_server (the server has no c)")
     with pytest.raises(RuntimeError, match=message):
         get_method("scaffold")().aggregate({}, 1)
     m = get_method("scaffold")()
@@ -50,7 +44,7 @@ def test_scaffold_refuses_to_aggregate_without_a_started_server_by_name():
 def test_scaffold_refuses_a_round_without_local_steps_and_takes_a_single_step():
     client = make_client(tiny_unet(), epochs=0, **SGD)
     with pytest.raises(
-        RuntimeError, match=_exactly("scaffold: client site0 took no local step this round")
+        RuntimeError, match=exactly("scaffold: client site0 took no local step this round")
     ):
         get_method("scaffold")().local_update(client)
     # K = 1 is a round: option II is then the one raw gradient g(x), since c = cᵢ = 0
@@ -125,7 +119,7 @@ def test_scaffold_variate_rule_names_the_rule_for_each_optimizer():
 def test_feddyn_refuses_to_aggregate_without_a_started_server_by_name():
     with pytest.raises(
         RuntimeError,
-        match=_exactly("feddyn: aggregate before start_server (the server has no θ⁰)"),
+        match=exactly("feddyn: aggregate before start_server (the server has no θ⁰)"),
     ):
         get_method("feddyn")().aggregate({}, 1)
 
@@ -148,7 +142,7 @@ def test_feddyn_term_is_the_linear_and_quadratic_penalty_over_trainable_paramete
     assert float(term.detach()) == pytest.approx(linear + quadratic)
     for p in model.parameters():
         p.requires_grad_(False)
-    with pytest.raises(ValueError, match=_exactly("feddyn: the model has no trainable parameters")):
+    with pytest.raises(ValueError, match=exactly("feddyn: the model has no trainable parameters")):
         feddyn_module.dynamic_term(grad, anchor, alpha)(model)
 
 
@@ -185,12 +179,12 @@ def test_feddyn_local_step_at_alpha_one_keeps_both_terms_and_updates_the_gradien
 def test_fednova_refuses_a_missing_server_model_and_a_round_without_steps_by_name():
     with pytest.raises(
         RuntimeError,
-        match=_exactly("fednova: aggregate before start_server (the server has no x)"),
+        match=exactly("fednova: aggregate before start_server (the server has no x)"),
     ):
         get_method("fednova")().aggregate({}, 1)
     client = make_client(tiny_unet(), epochs=0)
     with pytest.raises(
-        RuntimeError, match=_exactly("fednova: client site0 took no local step this round")
+        RuntimeError, match=exactly("fednova: client site0 took no local step this round")
     ):
         get_method("fednova")().local_update(client)
     one = make_client(tiny_unet(), epochs=None, steps=1)  # a single step is a round: ‖a‖ = 1
@@ -219,7 +213,7 @@ def test_moon_refuses_an_unknown_representation_by_name():
     from pflbench.methods.moon import captured_representation
 
     message = "moon: unknown representation 'pixels'; expected bottleneck or features"
-    with pytest.raises(ValueError, match=_exactly(message)):
+    with pytest.raises(ValueError, match=exactly(message)):
         with captured_representation(tiny_unet(), "pixels"):
             pass
 
@@ -382,12 +376,12 @@ def test_fedlws_refuses_crossed_tau_bounds_and_an_unstarted_server_by_name():
     from pflbench.params import ParamError
 
     message = "method fedlws: min_tau (0.5) must not exceed max_tau (0.1)"
-    with pytest.raises(ParamError, match=_exactly(message)):
+    with pytest.raises(ParamError, match=exactly(message)):
         get_method("fedlws")(min_tau=0.5, max_tau=0.1)
     fixed = get_method("fedlws")(min_tau=0.1, max_tau=0.1)  # equal bounds: a fixed τ
     assert (fixed.min_tau, fixed.max_tau) == (0.1, 0.1)
     with pytest.raises(
-        RuntimeError, match=_exactly("fedlws: aggregate before start_server (the server has no w)")
+        RuntimeError, match=exactly("fedlws: aggregate before start_server (the server has no w)")
     ):
         get_method("fedlws")().aggregate({}, 1)
 
@@ -485,7 +479,7 @@ def test_fedawa_loss_is_sim_plus_reg_for_either_distance(distance):
         torch.testing.assert_close(p, want_p)
         torch.testing.assert_close(loss, want)
     message = "fedawa: unknown reg_distance 'l1'; expected cos or euc"
-    with pytest.raises(ValueError, match=_exactly(message)):
+    with pytest.raises(ValueError, match=exactly(message)):
         awa_loss(t, w, clients, "l1")
 
 
@@ -542,7 +536,7 @@ def test_fedawa_round_with_two_server_steps_and_a_gamma_by_hand(gamma):
 
 def test_fedawa_refuses_an_unstarted_server_by_name():
     with pytest.raises(
-        RuntimeError, match=_exactly("fedawa: aggregate before start_server (the server has no w)")
+        RuntimeError, match=exactly("fedawa: aggregate before start_server (the server has no w)")
     ):
         get_method("fedawa")().aggregate({}, 1)
 
@@ -577,7 +571,7 @@ def test_fedrdn_statistics_are_per_image_channel_moments_averaged_over_images():
     one = channel_statistics(images[:1], "one")  # a single image is enough
     torch.testing.assert_close(one["mean"], torch.tensor([3.0, 1.5]))
     message = "fedrdn: site 'none' has no training images to take statistics of"
-    with pytest.raises(ValueError, match=_exactly(message)):
+    with pytest.raises(ValueError, match=exactly(message)):
         channel_statistics(images[:0], "none")
     message = (
         "fedrdn: site 'flat' has a channel whose images are all constant (std 0); "
@@ -585,7 +579,7 @@ def test_fedrdn_statistics_are_per_image_channel_moments_averaged_over_images():
     )
     flat = images.clone()
     flat[:, 1] = 5.0  # channel 1 constant, channel 0 not: one constant channel is refused
-    with pytest.raises(ValueError, match=_exactly(message)):
+    with pytest.raises(ValueError, match=exactly(message)):
         channel_statistics(flat, "flat")
 
 
@@ -645,7 +639,7 @@ def test_fedrdn_bank_goes_to_every_client_and_each_batch_draws_mean_and_std_apar
     assert list(client.state[BANK]) == ["site0", "site1", "site2"]
     with pytest.raises(
         RuntimeError,
-        match=_exactly("fedrdn: client site1 has no statistics bank (setup not run)"),
+        match=exactly("fedrdn: client site1 has no statistics bank (setup not run)"),
     ):
         m.local_update(make_client(tiny_unet(), site=1, state={OWN: stats["site1"]}))
     # by hand: the batch stream's order is drawn first, then one "fedrdn" generator; per batch

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
-
 import pandas as pd
 import pytest
 import torch
 from method_helpers import (
     assert_untouched_copy,
+    exactly,
     make_client,
     run,
     state_of,
@@ -136,7 +135,7 @@ def test_fedbabu_refuses_a_head_without_parameters_naming_it():
         "fedbabu: the personal part (head 'head') of model UNet is empty, so fedbabu would "
         "silently be FedAvg; use a model where it is not empty"
     )
-    with pytest.raises(PartitionError, match="^" + re.escape(text) + "$"):
+    with pytest.raises(PartitionError, match=exactly(text)):
         get_method("fedbabu")().partition(model)
 
 

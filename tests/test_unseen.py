@@ -14,11 +14,15 @@ import pandas as pd
 import pytest
 import torch
 from conftest import TINY_MODEL, fast_protocol, tiny_federation
+from method_helpers import make_client
 
 import pflbench.client as client_module
+from pflbench.client import Budget
 from pflbench.data import FederatedData, make_splits
 from pflbench.engine import Federation
-from pflbench.method import Method
+from pflbench.messages import Message
+from pflbench.method import Method, ServerView, missing_statistics
+from pflbench.methods.fedrdn import channel_statistics
 from pflbench.registry import get_method
 from pflbench.runner import RunSpec, plan
 from pflbench.suite import DatasetSpec, Evaluation, MethodSpec, SuiteError, parse_suite
@@ -108,8 +112,6 @@ def test_mrmtl_newcomer_takes_the_broadcast_mean_for_every_parameter():
 def test_fedrdn_newcomer_is_the_global_model_on_inputs_normalized_by_its_own_statistics():
     """FedRDN's evaluation rule for a new site: the final global model, its inputs normalized
     with the channel statistics of the site's own unlabelled train images."""
-    from pflbench.methods.fedrdn import channel_statistics
-
     seen = {}
 
     class Capture(_recording("fedrdn")):
@@ -390,8 +392,6 @@ def _bn_net() -> torch.nn.Module:
 
 
 def test_server_view_broadcast_is_the_message_or_the_uniform_masked_average():
-    from pflbench.messages import Message
-    from pflbench.method import ServerView
 
     one = Message(entries={"w": torch.tensor([1.0, 2.0])})
     assert ServerView(initial={}).broadcast() is None
@@ -417,7 +417,6 @@ def test_server_view_broadcast_is_the_message_or_the_uniform_masked_average():
 
 
 def test_missing_statistics_names_each_norm_layer_not_received_whole():
-    from pflbench.method import missing_statistics
 
     net = _bn_net()
     assert missing_statistics(net, set()) == ["1"]
@@ -432,11 +431,6 @@ def test_default_newcomer_starts_from_the_initial_model_and_recomputes_only_what
     """Broadcast: the first conv and BN layer's statistics; personal average: the last conv.
     The newcomer takes both, keeps the initial model elsewhere (never the site object's own
     model), and recomputes no statistic it received."""
-    from method_helpers import make_client
-
-    from pflbench.client import Budget
-    from pflbench.messages import Message
-    from pflbench.method import Method, ServerView
 
     initial = {k: v.clone() for k, v in _bn_net().state_dict().items()}
     other = _bn_net()
@@ -481,11 +475,6 @@ def test_default_newcomer_starts_from_the_initial_model_and_recomputes_only_what
 
 
 def test_default_newcomer_recomputes_only_the_norm_layers_it_did_not_receive():
-    from method_helpers import make_client
-
-    from pflbench.client import Budget
-    from pflbench.messages import Message
-    from pflbench.method import Method, ServerView
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(
