@@ -208,8 +208,13 @@ class DataCache:
     def __init__(self) -> None:
         self._cache: dict[str, tuple[FederatedData, dict, str]] = {}
 
+    @staticmethod
+    def key(spec: DatasetSpec) -> str:
+        """What makes two dataset specs load the same data and split."""
+        return json.dumps([spec.name, spec.options, spec.split_seed], sort_keys=True, default=str)
+
     def get(self, spec: DatasetSpec) -> tuple[FederatedData, dict, str]:
-        k = json.dumps([spec.name, spec.options, spec.split_seed], sort_keys=True, default=str)
+        k = self.key(spec)
         if k not in self._cache:
             cls = get_dataset(spec.name)
             data = cls(**spec.options).load()

@@ -37,7 +37,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from pflbench.params import Param
-from pflbench.registry import get_method
+from pflbench.registry import get_dataset, get_method
 from pflbench.results import results_dir
 from pflbench.runner import DataCache, RunSpec, execute
 from pflbench.suite import DatasetSpec, MethodSpec, Protocol, SearchRange, Suite, Tuning
@@ -536,7 +536,9 @@ def final_config(
     return dict(best.params), best.number
 
 
-_SITE_CACHE = DataCache()
+# Only the names: a cached FederatedData would keep every site's images alive for the life of
+# the process, beside the runner's own copy, and within reach of any client hook.
+_SITE_NAMES: dict[str, list[str]] = {}
 
 
 def held_out_sets(suite: Suite, dataset: DatasetSpec) -> list[tuple[str, ...]]:
@@ -544,8 +546,11 @@ def held_out_sets(suite: Suite, dataset: DatasetSpec) -> list[tuple[str, ...]]:
     the dataset is loaded once per process for its site names only when the suite asks."""
     if suite.evaluation.unseen is None:
         return [()]
-    sites = _SITE_CACHE.get(dataset)[0].site_names
-    return suite.evaluation.held_out_sets(sites, dataset.key)
+    key = DataCache.key(dataset)
+    if key not in _SITE_NAMES:
+        cls = get_dataset(dataset.name)
+        _SITE_NAMES[key] = list(cls(**dataset.options).load().site_names)
+    return suite.evaluation.held_out_sets(_SITE_NAMES[key], dataset.key)
 
 
 def final_spec(

@@ -217,6 +217,30 @@ def test_client_hooks_cannot_reach_other_clients(tiny, monkeypatch):
     assert {"site data of site1", "site data of site2", "FederatedData"} <= set(found)
 
 
+def test_planning_unseen_sites_leaves_no_dataset_in_a_module():
+    """A sweep asks for the site names of every dataset before its runs (held-out sets); what
+    it keeps for that must not be the data itself, or every client hook of every later run in
+    the process reaches all sites through the module (the hook test above walks module
+    globals, so it would fail after such a sweep, in any test order)."""
+    from pflbench.suite import parse_suite
+    from pflbench.tuning import StudyRef
+
+    raw = {
+        "name": "u",
+        "datasets": [{"name": "synthetic", "options": {"sites": 3, "size": 16}}],
+        "methods": ["fedavg"],
+        "seeds": [0],
+        "protocol": {"rounds": 1},
+        "evaluation": {"unseen": "leave_one_out"},
+    }
+    suite = parse_suite(raw, "u.yaml")
+    ref = StudyRef("r", "runs", suite.datasets[0], suite.methods[0], "fixed")
+    assert [c["held_out"] for c in ref.cells(suite)] == [["site1"], ["site2"], ["site3"]]
+    modules = [m for n, m in list(sys.modules.items()) if n.split(".")[0] == "pflbench"]
+    found, walked = _reachable_foreign_data("nobody", modules)
+    assert found == [] and walked > 1000, found
+
+
 def test_communication_is_counted(tiny):
     fed, out = run(tiny, "fedavg", rounds=2)
     n_params = sum(
