@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pandas as pd
@@ -71,7 +72,12 @@ WORK = LocalWork(
 
 
 def client(
-    cid: str, data: SiteData, model: nn.Module | None = None, state=None, round: int = 1
+    cid: str,
+    data: SiteData,
+    model: nn.Module | None = None,
+    state=None,
+    round: int = 1,
+    work: LocalWork = WORK,
 ) -> Client:
     torch.manual_seed(0)
     model = model if model is not None else UNet(data.images.shape[1], 1, base=4, depth=1)
@@ -80,7 +86,7 @@ def client(
         model,
         {} if state is None else state,
         data,
-        WORK,
+        work,
         round=round,
         seed=0,
         device=torch.device("cpu"),
@@ -304,6 +310,82 @@ def test_intensity_stats_from_the_spectrum_and_intensity_transfer() -> None:
     torch.testing.assert_close(out.mean((-2, -1)), target.mean((-2, -1)), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("shape", [(2, 6, 10), (2, 3, 2, 6, 10)])
+def test_intensity_stats_hold_for_any_leading_dims_and_non_square_images(shape) -> None:
+    """``…×H×W``: one mean and std per leading index, H ≠ W, the population (1/HW) std."""
+    x = torch.rand(shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x[0, ..., :3, :] *= 0.2  # the leading slices differ in mean and spread
+    mean, std = resfim_module.intensity_stats(amplitude_phase(x)[0])
+    assert mean.shape == std.shape == shape[:-2]
+    torch.testing.assert_close(mean, x.mean((-2, -1)), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(std, x.std((-2, -1), correction=0), rtol=1e-9, atol=1e-12)
+
+
+def test_intensity_transfer_is_the_per_channel_formula_blended_by_each_images_lambda() -> None:
+    """x' = clip((1−λ)·x + λ·((x − μ_x)/σ_x·σ_t + μ_t), 0, 1) per image and channel, with
+    μ, σ over H×W only (population σ), each image its own λ, and x's dtype kept."""
+    g = torch.Generator().manual_seed(11)
+    x = torch.rand(3, 2, 6, 10, generator=g)
+    x[:, 1] = 0.4 + 0.1 * x[:, 1]  # channel 1 narrow: σ_x differs per channel and image
+    x[2, 0] *= 0.3
+    target = torch.rand(3, 2, 6, 10, generator=g) * 1.6 - 0.3  # σ_t large: the clip bites
+    target[1] = 0.2 + 0.05 * target[1]
+    amp_t = amplitude_phase(target.double())[0]
+    lam = torch.tensor([0.25, 0.6, 1.0], dtype=torch.float64)
+    out = resfim_module.intensity_transfer(x, amp_t.float(), lam)
+    assert out.dtype == x.dtype and out.shape == x.shape
+
+    xd = x.double()
+    mu_t, sd_t = target.mean((-2, -1)), target.std((-2, -1), correction=0)
+    mu_x, sd_x = xd.mean((-2, -1)), xd.std((-2, -1), correction=0)
+    matched = (xd - mu_x[..., None, None]) / sd_x[..., None, None] * sd_t[..., None, None]
+    matched = matched + mu_t[..., None, None]
+    blend = (1 - lam.view(-1, 1, 1, 1)) * xd + lam.view(-1, 1, 1, 1) * matched
+    assert bool((blend < 0).any()) and bool((blend > 1).any())  # both clip ends are exercised
+    torch.testing.assert_close(out.double(), blend.clamp(0, 1), rtol=0, atol=1e-5)
+
+
+def test_intensity_transfer_of_a_flat_channel_is_the_targets_mean() -> None:
+    """σ_x = 0 is guarded (by a tiny floor), not divided by: the flat channel moves to μ_t."""
+    x = torch.full((1, 1, 4, 4), 0.5)  # exact in binary: μ_x = x, no rounding residue
+    target = torch.linspace(0.2, 0.6, 16).view(1, 1, 4, 4)
+    out = resfim_module.intensity_transfer(x, amplitude_phase(target)[0], torch.ones(1))
+    assert bool(torch.isfinite(out).all())
+    torch.testing.assert_close(out, torch.full_like(x, float(target.mean())), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("how", ["spectral", "intensity"])
+def test_simulate_style_draws_a_bank_row_and_a_lambda_in_its_range_per_image(
+    how: str, monkeypatch
+) -> None:
+    """Each image: one row of the other client's bank, uniformly, and λ = λ_min + (1 − λ_min)·u
+    with u ~ U(0, 1), both from the caller's generator, in that order."""
+    got = {}
+
+    def capture(x, target, *rest):
+        got["target"], got["lam"] = target, rest[-1]
+        return x
+
+    monkeypatch.setattr(resfim_module, f"{how}_transfer", capture)
+    x = smooth_images(6)
+    bank = torch.rand(4, 1, 16, 16)
+    out = resfim_module.simulate_style(x, bank, how, 0.1, 0.4, torch.Generator().manual_seed(5))
+    assert out is x
+    g = torch.Generator().manual_seed(5)
+    pick = torch.randint(4, (6,), generator=g)
+    u = torch.rand(6, generator=g)
+    assert torch.equal(got["target"], bank[pick])
+    torch.testing.assert_close(got["lam"], 0.4 + 0.6 * u, rtol=0, atol=1e-7)
+    assert bool(((got["lam"] >= 0.4) & (got["lam"] <= 1.0)).all())
+
+
+def test_simulate_style_names_an_unknown_transfer() -> None:
+    with pytest.raises(ValueError, match=r"^unknown transfer 'fourier'; expected spectral or "):
+        resfim_module.simulate_style(
+            smooth_images(2), torch.rand(1, 1, 16, 16), "fourier", 0.1, 0.5, torch.Generator()
+        )
+
+
 def test_bank_holds_only_other_clients_amplitudes() -> None:
     m = ResFIM(bank_size=3)
     sites = [site("a", seed=0), site("b", seed=1, level=0.1), site("c", seed=2, level=0.2)]
@@ -377,7 +459,85 @@ def test_style_augmentation_swaps_every_image_at_p_one(monkeypatch) -> None:
             assert any(torch.equal(yi, lab) for lab in labels)
 
 
+def _augmented_batches(m: ResFIM, c: Client, monkeypatch) -> list:
+    seen = []
+
+    def fake_train(model, batches, opt, extra_loss=None, where="", loss_fn=None):
+        seen.extend((x.clone(), y.clone()) for x, y in batches)
+        return 0.0, 0
+
+    monkeypatch.setattr(client_module, "train_epochs", fake_train)
+    m.fresh().local_update(c)
+    return seen
+
+
+def test_style_augmentation_swaps_each_image_by_its_own_draw_from_the_clients_stream(
+    monkeypatch,
+) -> None:
+    """At p = ½ some images keep their own style bit for bit and the rest move; which ones is
+    the client's seeded stream (the global RNG plays no part), and the round changes it."""
+    m = ResFIM(style_augment=0.5, lambda_min=1.0, beta=0.15, bank_size=3)
+    sites = [site("a", n=16, seed=0), site("b", seed=1, level=0.15)]
+    cs = [client(s.name, s) for s in sites]
+    exchange_bank(m, cs)
+    view = client("a", sites[0], state=cs[0].state)
+    torch.manual_seed(123)
+    first = _augmented_batches(m, view, monkeypatch)
+
+    def moved(batches) -> list[list[bool]]:
+        images = sites[0].images
+        return [[not any(torch.equal(xi, img) for img in images) for xi in x] for x, _ in batches]
+
+    n_moved = sum(map(sum, moved(first)))
+    assert 0 < n_moved < 16  # one other client: `pick` alone would move every image
+    twin = client("a", sites[0], state=cs[0].state)
+    torch.manual_seed(456)  # another global state, the same client, round and stream
+    again = _augmented_batches(m, twin, monkeypatch)
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(first, again, strict=True))
+    later = _augmented_batches(m, client("a", sites[0], state=cs[0].state, round=2), monkeypatch)
+    assert moved(later) != moved(first)
+
+
 # ---- the mask inside the method -------------------------------------------------------------
+
+
+def test_local_update_without_style_augment_is_fit_then_the_mask_on_the_same_streams() -> None:
+    """``style_augment: 0``: the plain training stream, then the residual-Fisher mask, drawing
+    exactly what a client that fits and then asks for its mask draws (an augmented path at
+    p = 0 would move images nowhere but shift every later seeded draw)."""
+    m = ResFIM(bank_size=4, fisher_samples=6, rho=0.3)
+    sites = [site("a", seed=0), site("b", seed=1, level=0.15), site("c", seed=2, level=-0.1)]
+    cs = [client(s.name, s) for s in sites]
+    exchange_bank(m, cs)
+    view = client("a", sites[0], state=dict(cs[0].state), round=2)
+    twin = client("a", sites[0], state=dict(cs[0].state), round=2)
+    m.fresh().local_update(view)
+    twin.fit()
+    want = m.fresh().personal_mask(twin)
+    for k, v in view.model.state_dict().items():
+        assert torch.equal(v, twin.model.state_dict()[k]), k
+    shared = view.state["resfim/shared"]
+    assert shared.keys() == want.keys() and view.state["resfim/mask_round"] == 2
+    for k, personal in want.items():
+        expected = resfim_module._compact(~personal)
+        assert (
+            torch.equal(shared[k], expected)
+            if isinstance(expected, torch.Tensor)
+            else shared[k] is expected
+        ), k
+
+
+def test_bn_stats_switch_shares_or_keeps_the_running_statistics() -> None:
+    """The warm-up partition: every floating entry shared; BN running statistics too with
+    ``bn_stats: shared``, kept with ``local``; the integer batch counter never."""
+    net = tiny_net()
+    stats = bn_stat_keys(net)
+    counter = {k for k in net.state_dict() if k.endswith("num_batches_tracked")}
+    assert stats and counter
+    local, shared = ResFIM().partition(net), ResFIM(bn_stats="shared").partition(net)
+    for k in net.state_dict():
+        assert local[k] is (k not in stats | counter), k
+        assert shared[k] is (k not in counter), k
 
 
 def test_method_mask_is_top_rho_of_normalized_residual_fisher() -> None:
@@ -396,6 +556,60 @@ def test_method_mask_is_top_rho_of_normalized_residual_fisher() -> None:
     for k, v in want.items():
         assert torch.equal(got[k], v), k
         assert int(v.sum()) == math.floor(0.3 * v.numel() + 0.5)
+
+
+@pytest.mark.parametrize("estimator", ["per_sample", "batch"])
+def test_method_scores_use_the_suites_loss_and_batch(estimator: str) -> None:
+    """The Fisher loss is the client's training loss (here with loss_smoothing 0.05, not the
+    default 1); the ``batch`` estimator's mini-batch is the suite's batch size (2, not 32)."""
+    work = dataclasses.replace(WORK, batch_size=2, loss_smoothing=0.05)
+    m = ResFIM(bank_size=4, fisher_samples=6, fisher=estimator)
+    sites = [site("a", seed=0), site("b", seed=1, level=0.15), site("c", seed=2, level=-0.1)]
+    cs = [client(s.name, s, work=work) for s in sites]
+    exchange_bank(m, cs)
+    view, twin = (client("a", sites[0], state=cs[0].state, work=work) for _ in range(2))
+    got = m.fresh().scores(view)
+    x, y, moved = m.fresh().fisher_data(twin)
+
+    def loss(logits, labels):
+        return segmentation_loss(logits, labels, 0.05)
+
+    def fisher(xs, loss_fn=loss, chunk=2):
+        if estimator == "batch":
+            return batch_fisher(twin.model, xs, y, loss_fn, chunk)
+        return per_sample_fisher(twin.model, xs, y, loss_fn)
+
+    def score(**kw):
+        f = fisher(x, **kw)
+        return normalize_scores(residual_scores(f, [fisher(xj, **kw) for xj in moved.values()]))
+
+    want = score()
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
+    # the two choices do matter here: the default loss (and a 32-image batch) score otherwise
+    others = [score(loss_fn=segmentation_loss)] + (
+        [score(chunk=32)] if estimator == "batch" else []
+    )
+    for other in others:
+        assert any(not torch.allclose(other[k], want[k], rtol=1e-3, atol=1e-5) for k in want)
+
+
+def test_scores_without_residual_are_the_local_fisher_normalized_over_the_model() -> None:
+    """``residual: false`` ranks by F(D_k) itself (not a residual over no styles, which is
+    zero), and ``normalize: global`` min–max normalizes over all entries at once."""
+    m = ResFIM(fisher_samples=6, residual=False, transfer="none", normalize="global")
+    a = site("a", seed=0)
+    view, twin = client("a", a), client("a", a)
+    got = m.fresh().scores(view)
+    x, y, moved = m.fresh().fisher_data(twin)
+    assert moved == {}
+    want = normalize_scores(per_sample_fisher(twin.model, x, y), "global")
+    per_tensor = normalize_scores(per_sample_fisher(twin.model, x, y), "tensor")
+    assert any(not torch.allclose(want[k], per_tensor[k]) for k in want)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert max(float(v.max()) for v in got.values()) == pytest.approx(1.0)
 
 
 def test_masked_aggregation_through_the_method() -> None:
