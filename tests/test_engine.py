@@ -11,8 +11,10 @@ import pandas as pd
 import pytest
 import torch
 from conftest import TINY_MODEL, fast_protocol, tiny_federation
+from method_helpers import make_client
 
 from pflbench.aggregation import aggregation_weights, masked_average, merge_into
+from pflbench.client import Budget
 from pflbench.data import FederatedData, SiteData, make_splits
 from pflbench.engine import Federation, build_model, predict
 from pflbench.federation import build_clients
@@ -308,6 +310,20 @@ def test_disk_store_gives_the_same_result_as_memory(tiny, method):
     _, b = run(tiny, method, store="disk")
     pd.testing.assert_frame_equal(a.rounds, b.rounds)
     pd.testing.assert_frame_equal(a.cases, b.cases)
+
+
+def test_extra_work_counts_zero_and_refuses_a_negative_count():
+    """``Client.count``: zero samples is a valid record (a pass over an empty transfer), a
+    negative one is a bug in the calling method and says so with the number."""
+    budget = Budget()
+    c = make_client(build_model(TINY_MODEL, tiny_federation(), 0), budget=budget)
+    c.count("fisher", 5)
+    c.count("fisher", 0)
+    c.count("empty", 0)
+    assert budget.samples == {"fisher": 5, "empty": 0}
+    with pytest.raises(ValueError, match=r"^cannot count a negative number of samples \(-2\)$"):
+        c.count("fisher", -2)
+    assert budget.samples == {"fisher": 5, "empty": 0}
 
 
 def test_local_steps_budget_is_counted(tiny):

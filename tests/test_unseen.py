@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import TINY_MODEL, fast_protocol, tiny_federation
-from method_helpers import make_client
+from method_helpers import exactly, make_client
 
 import pflbench.client as client_module
 from pflbench.client import Budget
@@ -64,14 +64,14 @@ def _recording(base: str) -> type[Method]:
     return Recording
 
 
-def _run(data: FederatedData, method: Method, held=(HELD,), splits=None, **ev):
+def _run(data: FederatedData, method: Method, held=(HELD,), splits=None, seed=0, **ev):
     fed = Federation(
         data,
         splits or make_splits(data),
         method,
         TINY_MODEL,
         fast_protocol(rounds=2, local_epochs=1),
-        0,
+        seed,
         held_out=held,
         evaluation=Evaluation(unseen=list(held), **ev) if held else None,
     )
@@ -131,6 +131,69 @@ def test_fedrdn_newcomer_is_the_global_model_on_inputs_normalized_by_its_own_sta
 def _with_site(data: FederatedData, name: str, **change) -> FederatedData:
     sites = [dataclasses.replace(s, **change) if s.name == name else s for s in data.sites]
     return dataclasses.replace(data, sites=sites)
+
+
+def _probe() -> type[Method]:
+    """FedAvg whose newcomer hook records what it was handed (test only)."""
+
+    class Probe(get_method("fedavg")):  # type: ignore[misc, valid-type]
+        seen: list = []
+
+        def newcomer_model(self, view, site):
+            draw = torch.randint(2**62, (1,), generator=site.generator("probe"))
+            type(self).seen.append(
+                {
+                    "initial": {k: v.clone() for k, v in view.initial.items()},
+                    "round": site.round,
+                    "state": site.state,
+                    "draw": int(draw),
+                    "data": site.train_data,
+                }
+            )
+            return super().newcomer_model(view, site)
+
+    Probe.name = "fedavg"
+    return Probe
+
+
+def test_the_newcomer_hook_gets_its_unlabelled_train_split_the_initial_model_and_the_next_round():
+    """The zero-shot site: its own train split with every label zeroed but nothing else changed
+    (name, cases, slice order, spacing), an empty state of its own, the federation's seeded
+    initial weights in the view, and the round after the last one."""
+    site = next(s for s in tiny_federation().sites if s.name == HELD)
+    n = len(site)
+    data = _with_site(
+        tiny_federation(), HELD, slice_index=list(range(n, 0, -1)), spacing=(0.5, 2.0)
+    )
+    splits = make_splits(data)
+    cls = _probe()
+    fed, _ = _run(data, cls(), splits=splits, regimes=["zero_shot"])
+    (seen,) = cls.seen
+    assert seen["round"] == fed.rounds_done + 1 == 3
+    assert seen["state"] == {}
+    assert seen["initial"].keys() == fed.initial.keys()
+    assert all(torch.equal(seen["initial"][k], v) for k, v in fed.initial.items())
+    train, got = fed.newcomers[0].train, seen["data"]
+    assert train.slice_index != list(range(len(train))) and train.spacing == (0.5, 2.0)
+    assert (got.name, got.case_ids, got.slice_index, got.spacing) == (
+        train.name,
+        train.case_ids,
+        train.slice_index,
+        train.spacing,
+    )
+    assert torch.equal(got.images, train.images) and int(train.labels.sum()) > 0
+    assert got.labels.shape == train.labels.shape and int(got.labels.abs().sum()) == 0
+
+
+def test_the_newcomers_draws_follow_the_run_seed():
+    """Its seeded streams (few-shot shuffling, any draw a newcomer hook makes) are the run's:
+    the same seed draws the same, another seed draws otherwise."""
+    draws = []
+    for seed in (0, 0, 1):
+        cls = _probe()
+        _run(tiny_federation(), cls(), seed=seed, regimes=["zero_shot"])
+        draws.append(cls.seen[0]["draw"])
+    assert draws[0] == draws[1] != draws[2]
 
 
 def test_fedbn_zero_shot_statistics_come_from_the_new_sites_images_only():
@@ -196,7 +259,11 @@ def test_zero_shot_newcomer_cannot_train_on_labels():
             site.fit(model, steps=1, label="cheat")
             return model
 
-    with pytest.raises(PermissionError, match="zero-shot newcomer"):
+    said = (
+        f"site {HELD!r} is a zero-shot newcomer: it has no labels to train on (use its "
+        "unlabelled images, client.train_data.images, or the few_shot regime)"
+    )
+    with pytest.raises(PermissionError, match=exactly(said)):
         _run(tiny_federation(), Cheat(), regimes=["zero_shot"])
 
 
@@ -262,6 +329,59 @@ def test_personal_average_gives_the_clients_heads_and_counts_the_bytes():
         want = sum(w[c] * cls.final[c][k].double() for c in w) / sum(w.values())
         assert torch.allclose(got[k].double(), want, atol=1e-6), k
     assert out.info["newcomer_bytes_up"] == 2 * sum(cls.final["site0"][k].numel() * 4 for k in head)
+
+
+def test_personal_average_of_element_masks_is_per_element_over_the_clients_keeping_it():
+    """ResFIM's personal part is element-wise: each element of the newcomer's model is the
+    n-weighted mean over the clients that keep that element personal, and the broadcast value
+    where every client shares it. Bytes: the kept elements plus their one-bit masks."""
+
+    class Masks(_recording("resfim")):
+        shared: dict = {}
+
+        def eval_model(self, client):
+            type(self).shared[client.id] = dict(client.state.get("resfim/shared", {}))
+            return super().eval_model(client)
+
+    data = tiny_federation(sizes=[6, 14, 8])  # unequal n: a plain mean would show
+    fed, out = _run(
+        data,
+        Masks(rho=0.3, bank_size=2, fisher_samples=2),
+        regimes=["zero_shot"],
+        newcomer_personal="average",
+    )
+    got, final, shared = Masks.newcomers[HELD], Masks.final, Masks.shared
+    w = {c: float(fed.by_id[c].train.images.shape[0]) for c in ("site0", "site1")}
+    assert w["site0"] != w["site1"]
+    partial = overlap = 0
+    for k, s0 in shared["site0"].items():
+        keep = {c: ~torch.as_tensor(shared[c][k]).expand_as(final[c][k]) for c in w}
+        den = sum(w[c] * keep[c].double() for c in w)
+        num = sum(w[c] * keep[c].double() * final[c][k].double() for c in w)
+        want = torch.where(den > 0, num / den.clamp_min(1e-12), final["site0"][k].double())
+        torch.testing.assert_close(got[k].double(), want, rtol=0, atol=1e-6, msg=k)
+        partial += isinstance(s0, torch.Tensor)
+        overlap += int((keep["site0"] & keep["site1"]).sum())
+    # element masks, not whole tensors, were averaged; some elements kept by both (weighted)
+    assert partial > 0 and overlap > 0
+    assert out.info["newcomer_bytes_up"] > 0
+
+
+def test_personal_average_reads_each_clients_partition_as_of_the_last_round():
+    """FedAP shares everything during its warm-up and keeps BatchNorm local after it: the
+    personal entries uploaded once after the last round are the BN ones of that last round."""
+    cls = _recording("fedap")
+    fed, out = _run(
+        tiny_federation(), cls(warmup_rounds=1), regimes=["zero_shot"], newcomer_personal="average"
+    )
+    got, final = cls.newcomers[HELD], cls.final
+    bn = [k for k in got if ".bn" in k or "norm" in k]
+    w = {c: float(fed.by_id[c].train.images.shape[0]) for c in ("site0", "site1")}
+    personal = [k for k in bn if got[k].is_floating_point()]
+    assert personal and out.info["newcomer_bytes_up"] > 0
+    for k in personal:
+        want = sum(w[c] * final[c][k].double() for c in w) / sum(w.values())
+        torch.testing.assert_close(got[k].double(), want, rtol=0, atol=1e-6, msg=k)
 
 
 def test_run_key_holds_the_held_out_set_only_when_set():
