@@ -312,6 +312,21 @@ def test_disk_store_gives_the_same_result_as_memory(tiny, method):
     pd.testing.assert_frame_equal(a.cases, b.cases)
 
 
+def test_new_model_is_an_independent_copy_of_the_clients_architecture():
+    """``Client.new_model``: loading a state into it, or training it, leaves the client's own
+    model untouched (Ditto's and APFL's personal models are built this way)."""
+    c = make_client(build_model(TINY_MODEL, tiny_federation(), 0))
+    before = {k: v.clone() for k, v in c.model.state_dict().items()}
+    zeros = {k: torch.zeros_like(v) for k, v in before.items()}
+    m = c.new_model(zeros)
+    assert all(int(v.count_nonzero()) == 0 for v in m.state_dict().values())
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(c.model.state_dict()[k], v) for k, v in before.items())
+    assert all(torch.equal(c.new_model().state_dict()[k], v) for k, v in before.items())
+
+
 def test_extra_work_counts_zero_and_refuses_a_negative_count():
     """``Client.count``: zero samples is a valid record (a pass over an empty transfer), a
     negative one is a bug in the calling method and says so with the number."""

@@ -11,6 +11,7 @@ import torch
 from conftest import TINY_MODEL, fast_protocol, tiny_federation
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from method_helpers import exactly
 from torch import nn
 
 import pflbench.client as client_module
@@ -540,6 +541,56 @@ def test_bn_stats_switch_shares_or_keeps_the_running_statistics() -> None:
         assert shared[k] is (k not in counter), k
 
 
+def test_the_bank_rows_follow_the_clients_stream_not_the_global_rng() -> None:
+    m = ResFIM(bank_size=3)
+    a = site("a", seed=0)
+    torch.manual_seed(1)
+    first = m.fresh().setup(client("a", a))
+    twin = client("a", a)
+    torch.manual_seed(2)
+    assert torch.equal(first, m.fresh().setup(twin))
+    other_round = m.fresh().setup(client("a", a, round=2))
+    assert not torch.equal(first, other_round)
+
+
+def test_random_mask_computes_no_fisher_and_follows_the_clients_stream() -> None:
+    """``mask: random`` (ablation): exact top-ρ counts per tensor drawn from the client's stream
+    (not the global RNG); no Fisher pass, so no "fisher" samples in the budget."""
+    m = ResFIM(mask="random", rho=0.3, bank_size=2, fisher_samples=4)
+    a = site("a", seed=0)
+    view = client("a", a)
+    torch.manual_seed(1)
+    got = m.fresh().personal_mask(view)
+    twin = client("a", a)
+    torch.manual_seed(2)
+    again = m.fresh().personal_mask(twin)
+    assert "fisher" not in view._budget.samples
+    for k, p in view.model.named_parameters():
+        assert got[k].shape == p.shape and got[k].dtype == torch.bool, k
+        assert int(got[k].sum()) == math.floor(0.3 * p.numel() + 0.5), k
+        assert torch.equal(got[k], again[k]), k
+    later = m.fresh().personal_mask(client("a", a, round=2))
+    assert any(not torch.equal(got[k], later[k]) for k in got)
+
+
+@pytest.mark.parametrize(("mask", "scope"), [("tensor", "tensor"), ("resfim", "model")])
+def test_tensor_masks_and_model_scope_rank_the_methods_own_scores(mask: str, scope: str) -> None:
+    """``mask: tensor`` keeps whole tensors by mean score; ``scope: model`` takes one top-ρ over
+    every entry of the model: each the rule of pflbench.fisher applied to the client's scores."""
+    m = ResFIM(bank_size=4, fisher_samples=6, rho=0.3, mask=mask, scope=scope)
+    sites = [site("a", seed=0), site("b", seed=1, level=0.15), site("c", seed=2, level=-0.1)]
+    cs = [client(s.name, s) for s in sites]
+    exchange_bank(m, cs)
+    view, twin = (client("a", sites[0], state=cs[0].state) for _ in range(2))
+    got = m.fresh().personal_mask(view)
+    s = m.fresh().scores(twin)
+    want = tensor_level_mask(s, 0.3) if mask == "tensor" else top_rho_mask(s, 0.3, "model")
+    elementwise = top_rho_mask(s, 0.3, "tensor")
+    assert any(not torch.equal(want[k], elementwise[k]) for k in want)
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
 def test_method_mask_is_top_rho_of_normalized_residual_fisher() -> None:
     m = ResFIM(bank_size=4, fisher_samples=6, rho=0.3)
     sites = [site("a", seed=0), site("b", seed=1, level=0.15), site("c", seed=2, level=-0.1)]
@@ -671,6 +722,21 @@ def test_aggregate_over_all_averages_every_client_but_keeps_personal_entries() -
     assert cs[1].model.weight.tolist() == [[4.0, 4.0]]
 
 
+def test_aggregate_over_all_sends_every_parameter_and_only_the_shared_bn_statistics() -> None:
+    """``aggregate_over: all``: every parameter whole, and of the non-parameters (BN running
+    statistics) only those the partition shares: none with ``bn_stats: local``."""
+    net = tiny_net()
+    params = {k for k, _ in net.named_parameters()}
+    stats = bn_stat_keys(net)
+    masks = {k: torch.rand(p.shape) < 0.5 for k, p in net.named_parameters()}
+    for bn, sent in (("local", set()), ("shared", stats)):
+        m = ResFIM(aggregate_over="all", bn_stats=bn)
+        c = client("a", site("a", n=4), model=net, state={"resfim/shared": dict(masks)})
+        up = m.fresh().upload(c)
+        assert set(up.entries) == params | sent, bn
+        assert not up.masks
+
+
 # ---- hyperparameters -------------------------------------------------------------------------
 
 
@@ -681,9 +747,16 @@ def test_every_switch_is_declared_and_bad_combinations_are_refused() -> None:
     ).split():
         assert name in ResFIM.params
     assert ResFIM().rho == 0.2 and ResFIM().warmup_rounds == 1 and ResFIM().mask_every == 1
-    with pytest.raises(ParamError, match="transfer 'none'.*residual must be false"):
+    none = (
+        "method resfim: transfer 'none' leaves no other style to compare with, so residual "
+        "must be false (residual: false ranks by the local Fisher alone)"
+    )
+    with pytest.raises(ParamError, match=exactly(none)):
         ResFIM(transfer="none")
-    with pytest.raises(ParamError, match="style_augment"):
+    augment = (
+        "method resfim: style_augment > 0 needs a transfer (spectral or intensity), not 'none'"
+    )
+    with pytest.raises(ParamError, match=exactly(augment)):
         ResFIM(transfer="none", residual=False, style_augment=0.5)
     with pytest.raises(ParamError, match="'rho'"):
         ResFIM(rho=1.2)

@@ -267,6 +267,37 @@ def test_zero_shot_newcomer_cannot_train_on_labels():
         _run(tiny_federation(), Cheat(), regimes=["zero_shot"])
 
 
+def test_unseen_rows_are_the_last_rounds_and_their_time_is_recorded():
+    data = tiny_federation()
+    _, out = _run(data, get_method("fedavg")(), regimes=["zero_shot", "few_shot"])
+    rows = out.cases[out.cases["split"] == "unseen"]
+    assert len(rows) and set(rows["selection"]) == {"last"} and set(rows["round"]) == {2}
+    timings = out.info["timings"]
+    assert 0.0 < timings["unseen_s"] <= timings["total_s"]
+
+
+@pytest.mark.parametrize("regimes", [["few_shot", "zero_shot"], ["few_shot"]])
+def test_a_diverged_few_shot_adaptation_is_named_and_the_other_regimes_still_scored(regimes):
+    """A newcomer whose few-shot steps diverge loses that regime only: the error names the site,
+    the zero-shot rows remain (listed after it or not), and a run left with no unseen row at
+    all still finishes."""
+    from pflbench.training import Diverged
+
+    class Unstable(get_method("fedavg")):  # type: ignore[misc, valid-type]
+        def newcomer_adapt(self, site, model, steps):
+            raise Diverged("non-finite loss (nan) in few_shot step 1")
+
+    Unstable.name = "fedavg"
+    _, out = _run(tiny_federation(), Unstable(), regimes=regimes)
+    assert out.info["newcomer_errors"] == [
+        f"{HELD} few_shot: non-finite loss (nan) in few_shot step 1"
+    ]
+    rows = out.cases[out.cases["split"] == "unseen"]
+    scored = set(rows["regime"]) if "regime" in rows else set()  # no unseen row: no column
+    assert scored == ({"zero_shot"} if "zero_shot" in regimes else set())
+    assert len(out.cases[out.cases["split"] == "test"]) > 0
+
+
 def test_few_shot_spends_exactly_k_steps_on_the_new_sites_train_split(monkeypatch):
     K = 3
     data = tiny_federation()
