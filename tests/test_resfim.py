@@ -478,7 +478,7 @@ def test_style_augmentation_swaps_each_image_by_its_own_draw_from_the_clients_st
     """At p = ½ some images keep their own style bit for bit and the rest move; which ones is
     the client's seeded stream (the global RNG plays no part), and the round changes it."""
     m = ResFIM(style_augment=0.5, lambda_min=1.0, beta=0.15, bank_size=3)
-    sites = [site("a", n=16, seed=0), site("b", seed=1, level=0.15)]
+    sites = [site("a", n=16, seed=0), site("b", seed=1, level=0.15), site("c", seed=2)]
     cs = [client(s.name, s) for s in sites]
     exchange_bank(m, cs)
     view = client("a", sites[0], state=cs[0].state)
@@ -490,7 +490,7 @@ def test_style_augmentation_swaps_each_image_by_its_own_draw_from_the_clients_st
         return [[not any(torch.equal(xi, img) for img in images) for xi in x] for x, _ in batches]
 
     n_moved = sum(map(sum, moved(first)))
-    assert 0 < n_moved < 16  # one other client: `pick` alone would move every image
+    assert 0 < n_moved < 16  # every image picks one of the others: `pick` alone moves all
     twin = client("a", sites[0], state=cs[0].state)
     torch.manual_seed(456)  # another global state, the same client, round and stream
     again = _augmented_batches(m, twin, monkeypatch)
