@@ -263,6 +263,7 @@ def test_selection_uses_validation_after_half(tiny):
         & (out.rounds["structure"] == "mean")
         & (out.rounds["metric"] == "dice")
     ]
+    assert sorted(val["client"].unique()) == ["site0", "site1", "site2"]  # the loop is not empty
     for cid, g in val.groupby("client"):
         after = g[g["round"] > 2]
         chosen = int(best[best["client"] == cid]["round"].iloc[0])

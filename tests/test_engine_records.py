@@ -1,0 +1,147 @@
+"""What the engine records beside the models: round rows, selection rules, timings, callbacks,
+the manifest's sizes and memory (issue 22: engine survivors). Each expected value is computed
+from the definition, not read back from the engine."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_federation
+from method_helpers import run
+
+import pflbench.engine as engine_module
+from pflbench.engine import peak_memory_mb
+from pflbench.partition import partition_sizes
+from pflbench.registry import get_method
+
+
+@pytest.mark.parametrize(
+    ("platform", "maxrss", "mib"), [("linux", 3 * 1024, 3.0), ("darwin", 5 * 2**20, 5.0)]
+)
+def test_peak_memory_reads_ru_maxrss_in_the_platforms_unit(monkeypatch, platform, maxrss, mib):
+    """``ru_maxrss`` is KiB on Linux and bytes on macOS (getrusage(2)); the manifest says MiB."""
+    monkeypatch.setattr(sys, "platform", platform)
+    monkeypatch.setattr(resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=maxrss))
+    assert peak_memory_mb() == mib
+    assert peak_memory_mb(torch.device("cpu")) == mib  # no GPU term on the CPU
+
+
+def test_round_rows_name_their_client_and_structure():
+    """Every round row carries its client and structure, the per-client "mean" rows included
+    (selection and the report filter on both)."""
+    data = tiny_federation()
+    _, out = run(data, "fedavg", rounds=2)
+    rows = out.rounds
+    assert set(rows["client"]) == {s.name for s in data.sites}
+    assert rows["structure"].notna().all() and rows["client"].notna().all()
+    means = rows[(rows["structure"] == "mean") & (rows["split"] == "val")]
+    assert len(means) == 2 * 3 * 2  # rounds × clients × (dice, iou)
+    assert set(means["client"]) == {s.name for s in data.sites}
+
+
+def test_a_one_round_run_selects_its_only_round():
+    _, out = run(tiny_federation(), "fedavg", rounds=1)
+    assert out.info["selected_rounds"] == {"site0": 1, "site1": 1, "site2": 1}
+    best = out.cases[out.cases["selection"] == "best"]
+    assert len(best) and set(best["round"]) == {1}
+
+
+def test_selection_last_reports_the_last_model_under_both_labels():
+    """``selection: last`` keeps no snapshot: the "best" rows are the last round's, equal."""
+    _, out = run(tiny_federation(), "fedavg", rounds=2, selection="last")
+    assert set(out.cases["selection"]) == {"best", "last"}
+    assert out.info["selected_rounds"] == {}
+    best = out.cases[out.cases["selection"] == "best"].drop(columns="selection")
+    last = out.cases[out.cases["selection"] == "last"].drop(columns="selection")
+    assert set(best["round"]) == {2}
+    assert best.reset_index(drop=True).equals(last.reset_index(drop=True))
+
+
+def test_evaluation_time_accumulates_over_rounds_and_the_final_cases():
+    """``timings.eval_s`` is the sum over every evaluation (each round's and the final
+    cases'): with each model hand-out taking 20 ms, at least 3 rounds × 3 clients of them plus
+    the final cases' 3 (a sum, not the last interval; never reduced by the final cases)."""
+
+    class Slow(get_method("fedavg")):  # type: ignore[misc, valid-type]
+        def eval_model(self, client):
+            time.sleep(0.02)
+            return super().eval_model(client)
+
+    Slow.name = "fedavg"
+    _, out = run(tiny_federation(), Slow(), rounds=3)
+    assert out.info["timings"]["eval_s"] >= 0.02 * (3 * 3 + 3)
+    assert out.info["timings"]["eval_s"] <= out.info["timings"]["total_s"]
+
+
+def test_the_protocols_thread_count_is_applied_and_recorded():
+    before = torch.get_num_threads()
+    try:
+        _, out = run(tiny_federation(), "fedavg", rounds=1, threads=2)
+        assert out.info["threads"] == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_on_eval_gets_each_evaluated_round_and_the_clients_mean_validation_dice():
+    """The tuner's pruning hook: (round, mean over clients of the round's validation Dice)."""
+    from conftest import TINY_MODEL, fast_protocol
+
+    from pflbench.data import make_splits
+    from pflbench.engine import Federation
+
+    data = tiny_federation()
+    seen = []
+    fed = Federation(
+        data,
+        make_splits(data),
+        get_method("fedavg")(),
+        TINY_MODEL,
+        fast_protocol(rounds=2),
+        0,
+        on_eval=lambda r, score: seen.append((r, score)),
+    )
+    out = fed.run()
+    rows = out.rounds
+    val = rows[
+        (rows["split"] == "val") & (rows["structure"] == "mean") & (rows["metric"] == "dice")
+    ]
+    want = [(r, float(np.nanmean(g["value"]))) for r, g in val.groupby("round")]
+    assert [r for r, _ in seen] == [1, 2]
+    for (r, score), (wr, wscore) in zip(seen, want, strict=True):
+        assert r == wr and score == pytest.approx(wscore, abs=1e-12)
+
+
+def test_the_manifest_sizes_each_clients_partition_as_of_the_last_round():
+    """FedAP shares everything during its warm-up round and keeps BatchNorm local after it: the
+    manifest's client sizes are those of the partition after the last round."""
+    fed, out = run(tiny_federation(), get_method("fedap")(warmup_rounds=1), rounds=2)
+    method = get_method("fedap")(warmup_rounds=1)
+    want = partition_sizes(fed.model, method.partition(fed.model))
+    assert want["personal"] > 0
+    assert out.info["client_partition_sizes"] == {c: want for c in ("site0", "site1", "site2")}
+
+
+def test_every_evaluation_forward_runs_in_the_protocols_precision(monkeypatch):
+    """``amp: bf16``: the per-round evaluation and the final cases (selected and last rounds)
+    predict under bf16 too: reported numbers come from the precision the suite asked for.
+    (On the tiny model bf16 and float32 class maps agree, so the precision is checked where
+    it is asked for: the ``amp`` every forward receives.)"""
+    calls = []
+    real = engine_module.predict
+
+    def spy(model, data, device, batch=32, amp="off"):
+        calls.append(amp)
+        return real(model, data, device, batch, amp)
+
+    monkeypatch.setattr(engine_module, "predict", spy)
+    _, out = run(tiny_federation(), "fedavg", rounds=2, amp="bf16")
+    # per round: the 3 clients' val splits; final: 2 selections × (val, test) × 3 clients
+    assert len(calls) == 2 * 3 + 2 * 2 * 3
+    assert set(calls) == {"bf16"}
+    assert len(out.cases)
