@@ -88,7 +88,7 @@ def test_the_protocols_thread_count_is_applied_and_recorded():
         torch.set_num_threads(before)
 
 
-def test_on_eval_gets_each_evaluated_round_and_the_clients_mean_validation_dice():
+def test_the_hooks_get_each_round_and_the_clients_mean_validation_dice():
     """The tuner's pruning hook: (round, mean over clients of the round's validation Dice)."""
     from conftest import TINY_MODEL, fast_protocol
 
@@ -96,7 +96,7 @@ def test_on_eval_gets_each_evaluated_round_and_the_clients_mean_validation_dice(
     from pflbench.engine import Federation
 
     data = tiny_federation()
-    seen = []
+    seen, progress = [], []
     fed = Federation(
         data,
         make_splits(data),
@@ -105,8 +105,10 @@ def test_on_eval_gets_each_evaluated_round_and_the_clients_mean_validation_dice(
         fast_protocol(rounds=2),
         0,
         on_eval=lambda r, score: seen.append((r, score)),
+        on_round=lambda r, total: progress.append((r, total)),
     )
     out = fed.run()
+    assert progress == [(1, 2), (2, 2)]  # the progress bar's hook
     rows = out.rounds
     val = rows[
         (rows["split"] == "val") & (rows["structure"] == "mean") & (rows["metric"] == "dice")
@@ -145,3 +147,39 @@ def test_every_evaluation_forward_runs_in_the_protocols_precision(monkeypatch):
     assert len(calls) == 2 * 3 + 2 * 2 * 3
     assert set(calls) == {"bf16"}
     assert len(out.cases)
+
+
+def _breaks_in_round(k: int) -> type:
+    from pflbench.training import Diverged
+
+    class Breaks(get_method("fedavg")):  # type: ignore[misc, valid-type]
+        def local_update(self, client):
+            if client.round == k:
+                raise Diverged(f"non-finite loss (nan) in round {k}")
+            super().local_update(client)
+
+    Breaks.name = "fedavg"
+    return Breaks
+
+
+def test_a_run_that_diverges_between_evaluations_is_scored_at_its_last_completed_round():
+    """eval_every 2, divergence in round 4: round 3 was never evaluated, so it is evaluated
+    then, and the manifest says diverged after 3 rounds, on the CPU, optimizer state reset."""
+    _, out = run(tiny_federation(), _breaks_in_round(4)(), rounds=4, eval_every=2)
+    info = out.info
+    assert info["status"] == "diverged" and info["rounds_done"] == 3
+    assert info["error"] == "non-finite loss (nan) in round 4"
+    assert sorted(out.rounds["round"].unique()) == [2, 3]
+    assert set(out.cases.loc[out.cases["selection"] == "last", "round"]) == {3}
+    assert info["device"] == "cpu" and info["optimizer_state"] == "reset"
+    _, kept = run(tiny_federation(), "fedavg", rounds=1, optimizer_state="persist")
+    assert kept.info["optimizer_state"] == "persist"
+
+
+def test_a_run_that_diverges_in_round_one_has_empty_tables_with_their_columns():
+    from pflbench.metrics import METRIC_COLUMNS
+
+    _, out = run(tiny_federation(), _breaks_in_round(1)(), rounds=2)
+    assert out.info["status"] == "diverged" and out.info["rounds_done"] == 0
+    assert out.cases.empty and out.rounds.empty
+    assert list(out.cases.columns) == ["selection", "round", "client", "split", *METRIC_COLUMNS]

@@ -272,6 +272,7 @@ def test_unseen_rows_are_the_last_rounds_and_their_time_is_recorded():
     _, out = _run(data, get_method("fedavg")(), regimes=["zero_shot", "few_shot"])
     rows = out.cases[out.cases["split"] == "unseen"]
     assert len(rows) and set(rows["selection"]) == {"last"} and set(rows["round"]) == {2}
+    assert out.cases.index.equals(pd.RangeIndex(len(out.cases)))  # one table, one index
     timings = out.info["timings"]
     assert 0.0 < timings["unseen_s"] <= timings["total_s"]
 
