@@ -183,3 +183,4 @@ def test_a_run_that_diverges_in_round_one_has_empty_tables_with_their_columns():
     assert out.info["status"] == "diverged" and out.info["rounds_done"] == 0
     assert out.cases.empty and out.rounds.empty
     assert list(out.cases.columns) == ["selection", "round", "client", "split", *METRIC_COLUMNS]
+    assert list(out.rounds.columns) == ["round", "client", "split", "structure", "metric", "value"]
