@@ -151,6 +151,27 @@ def test_a_volume_stores_its_most_foreground_slice():
         )
 
 
+def test_a_volumes_slices_are_ranked_in_slice_order_not_storage_order():
+    """Slices stored out of order (1, 2, 0) with equal foreground: the tie goes to the middle
+    slice of the volume (slice 1), not to the middle of the storage order (slice 2)."""
+    sites = []
+    for k in range(2):
+        base = tiny_federation(n_sites=1, n=18).sites[0]
+        first = [3 * (i // 3) for i in range(18)]  # every slice of a case: its first image
+        sites.append(
+            SiteData(
+                f"s{k}",
+                base.images[first].clone(),
+                base.labels[first].clone(),
+                case_ids=[f"v{k}-{i // 3}" for i in range(18)],
+                slice_index=[(1, 2, 0)[i % 3] for i in range(18)],
+            )
+        )
+    data = FederatedData("vol", sites, ["background", "blob"], {"blob": [1]}, "volume")
+    _, out, _ = _run(data, qualitative_cases=1)  # one test volume per site
+    assert [c.slice_index for c in out.qualitative] == [1, 1]
+
+
 def test_file_round_trip_keeps_masks_exact_and_the_image_close():
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[:24, :24]
