@@ -60,6 +60,7 @@ def make_client(
     budget: Budget | None = None,
     persist_optimizer: bool = False,
     data: SiteData | None = None,
+    seed: int = 0,
     **work: Any,
 ) -> Client:
     """A lone client over site ``site`` of the tiny federation (all its images as training data),
@@ -83,7 +84,7 @@ def make_client(
         tiny_federation().sites[site] if data is None else data,
         LocalWork(**base),
         round=round,
-        seed=0,
+        seed=seed,
         device=torch.device("cpu"),
         budget=budget if budget is not None else Budget(),
         persist_optimizer=persist_optimizer,

@@ -328,6 +328,22 @@ def test_new_model_is_an_independent_copy_of_the_clients_architecture():
     assert all(torch.equal(c.new_model().state_dict()[k], v) for k, v in before.items())
 
 
+def test_each_generator_is_its_own_stream_of_run_seed_client_round_and_call():
+    """``Client.generator``: reproducible from (run seed, stream, client, round, call number),
+    and different when any one of them changes, a second call on the same stream included."""
+    model = build_model(TINY_MODEL, tiny_federation(), 0)
+
+    def first_draws(**kw) -> list[int]:
+        c = make_client(model, **kw)
+        return [int(torch.randint(2**62, (1,), generator=c.generator(s))) for s in ("a", "a", "b")]
+
+    base = first_draws()
+    assert base == first_draws()  # a fresh view of the same client draws the same
+    assert len(set(base)) == 3  # the second call on "a" and the stream "b" draw anew
+    for other in (first_draws(seed=1), first_draws(site=1), first_draws(round=2)):
+        assert not set(other) & set(base), other
+
+
 def test_extra_work_counts_zero_and_refuses_a_negative_count():
     """``Client.count``: zero samples is a valid record (a pass over an empty transfer), a
     negative one is a bug in the calling method and says so with the number."""
