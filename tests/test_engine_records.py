@@ -17,6 +17,7 @@ from method_helpers import run
 
 import pflbench.engine as engine_module
 from pflbench.engine import peak_memory_mb
+from pflbench.metrics import METRIC_COLUMNS
 from pflbench.partition import partition_sizes
 from pflbench.registry import get_method
 
@@ -172,13 +173,13 @@ def test_a_run_that_diverges_between_evaluations_is_scored_at_its_last_completed
     assert sorted(out.rounds["round"].unique()) == [2, 3]
     assert set(out.cases.loc[out.cases["selection"] == "last", "round"]) == {3}
     assert info["device"] == "cpu" and info["optimizer_state"] == "reset"
+    # cases.parquet has one layout, whether or not any round completed (see the next test)
+    assert list(out.cases.columns) == ["selection", "round", "client", "split", *METRIC_COLUMNS]
     _, kept = run(tiny_federation(), "fedavg", rounds=1, optimizer_state="persist")
     assert kept.info["optimizer_state"] == "persist"
 
 
 def test_a_run_that_diverges_in_round_one_has_empty_tables_with_their_columns():
-    from pflbench.metrics import METRIC_COLUMNS
-
     _, out = run(tiny_federation(), _breaks_in_round(1)(), rounds=2)
     assert out.info["status"] == "diverged" and out.info["rounds_done"] == 0
     assert out.cases.empty and out.rounds.empty
