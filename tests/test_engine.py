@@ -345,6 +345,29 @@ def test_each_generator_is_its_own_stream_of_run_seed_client_round_and_call():
         assert not set(other) & set(base), other
 
 
+def test_client_batches_apply_the_suites_augmentation_and_order():
+    """``augment: true`` (flips): in an unshuffled epoch every image is its own, flipped or not,
+    and some are flipped; without augmentation and shuffling the epoch is the data as stored."""
+    model = build_model(TINY_MODEL, tiny_federation(), 0)
+    plain = make_client(model, shuffle=False)
+    images = plain.train_data.images
+    assert torch.equal(torch.cat([x for x, _ in plain.batches()]), images)
+    flipped = torch.cat([x for x, _ in make_client(model, augment=True, shuffle=False).batches()])
+    views = [
+        lambda v: v,
+        lambda v: v.flip(-1),
+        lambda v: v.flip(-2),
+        lambda v: v.flip(-1).flip(-2),
+    ]
+    kind = [
+        next(k for k, f in enumerate(views) if torch.equal(x, f(o)))
+        for x, o in zip(flipped, images, strict=True)
+    ]
+    assert any(k > 0 for k in kind)  # flips were drawn
+    shuffled = torch.cat([x for x, _ in make_client(model).batches()])
+    assert not torch.equal(shuffled, images)  # shuffle: true (the default) reorders
+
+
 def test_extra_work_counts_zero_and_refuses_a_negative_count():
     """``Client.count``: zero samples is a valid record (a pass over an empty transfer), a
     negative one is a bug in the calling method and says so with the number."""

@@ -4,6 +4,7 @@ from the definition, not read back from the engine."""
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import sys
 import time
@@ -16,7 +17,7 @@ from conftest import tiny_federation
 from method_helpers import run
 
 import pflbench.engine as engine_module
-from pflbench.engine import peak_memory_mb
+from pflbench.engine import autocast, output_channels, peak_memory_mb, resolve_device
 from pflbench.metrics import METRIC_COLUMNS
 from pflbench.partition import partition_sizes
 from pflbench.registry import get_method
@@ -185,3 +186,68 @@ def test_a_run_that_diverges_in_round_one_has_empty_tables_with_their_columns():
     assert out.cases.empty and out.rounds.empty
     assert list(out.cases.columns) == ["selection", "round", "client", "split", *METRIC_COLUMNS]
     assert list(out.rounds.columns) == ["round", "client", "split", "structure", "metric", "value"]
+
+
+@pytest.mark.parametrize(("amp", "dtype"), [("bf16", torch.bfloat16), ("fp16", torch.float16)])
+def test_autocast_uses_the_precision_asked_for(amp, dtype):
+    with autocast(amp, torch.device("cpu")):
+        assert torch.is_autocast_enabled("cpu")
+        assert torch.get_autocast_dtype("cpu") == dtype
+    with autocast("off", torch.device("cpu")):
+        assert not torch.is_autocast_enabled("cpu")
+
+
+def test_output_channels_one_logit_for_one_structure_else_one_per_class():
+    two = tiny_federation()
+    assert two.num_classes == 2 and output_channels(two) == 1
+    three = dataclasses.replace(two, classes=["background", "a", "b"], structures={"a": [1]})
+    assert output_channels(three) == 3
+
+
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA"
+)
+def test_asking_for_cuda_without_one_is_refused_by_name():
+    assert resolve_device("auto") == torch.device("cpu") and resolve_device("cpu").type == "cpu"
+    with pytest.raises(
+        RuntimeError, match=r"^protocol\.device is 'cuda' but no CUDA device is available$"
+    ):
+        resolve_device("cuda")
+
+
+def test_a_clean_run_says_ok_with_no_error_and_its_phase_times_within_the_total():
+    _, out = run(tiny_federation(), "fedavg", rounds=1)
+    info = out.info
+    assert info["status"] == "ok" and info["error"] == "" and info["rounds_done"] == 1
+    t = info["timings"]
+    phases = t["setup_s"] + t["train_s"] + t["aggregate_s"] + t["eval_s"]
+    assert all(t[k] >= 0 for k in ("setup_s", "train_s", "aggregate_s", "eval_s"))
+    assert phases <= t["total_s"]
+
+
+def test_the_sampled_clients_follow_the_run_seed():
+    """``client_fraction`` < 1: which clients take part in a round is drawn from the run seed."""
+    data = tiny_federation(n_sites=6)
+
+    def sampled(seed: int) -> list:
+        _, out = run(data, "fedavg", seed=seed, rounds=3, client_fraction=0.5)
+        comm = out.comm[(out.comm["round"] > 0) & out.comm["sampled"]]
+        return sorted(map(tuple, comm[["round", "client"]].values.tolist()))
+
+    first = sampled(0)
+    assert len(first) == 3 * 3 and first == sampled(0)
+    assert first != sampled(1) or first != sampled(2)
+
+
+def test_setup_traffic_is_counted_in_round_zero():
+    """ResFIM's amplitude bank: each client uploads its bank once and receives the others' in
+    round 0, before any training round."""
+    from pflbench.methods.resfim import ResFIM
+
+    _, out = run(tiny_federation(), ResFIM(bank_size=2, fisher_samples=2), rounds=1)
+    setup = out.comm[out.comm["round"] == 0]
+    bank = 2 * 1 * 16 * 16 * 4  # bank_size × C × H × W float32
+    up = setup.groupby("client")["bytes_up"].sum()
+    down = setup.groupby("client")["bytes_down"].sum()
+    assert up.to_dict() == {c: bank for c in ("site0", "site1", "site2")}
+    assert down.to_dict() == {c: 2 * bank for c in ("site0", "site1", "site2")}
