@@ -341,6 +341,9 @@ def test_each_generator_is_its_own_stream_of_run_seed_client_round_and_call():
     base = first_draws()
     assert base == first_draws()  # a fresh view of the same client draws the same
     assert len(set(base)) == 3  # the second call on "a" and the stream "b" draw anew
+    c = make_client(model)
+    other_stream = int(torch.randint(2**62, (1,), generator=c.generator("b")))
+    assert other_stream != base[0]  # another stream at the same call number
     for other in (first_draws(seed=1), first_draws(site=1), first_draws(round=2)):
         assert not set(other) & set(base), other
 
@@ -366,6 +369,24 @@ def test_client_batches_apply_the_suites_augmentation_and_order():
     assert any(k > 0 for k in kind)  # flips were drawn
     shuffled = torch.cat([x for x, _ in make_client(model).batches()])
     assert not torch.equal(shuffled, images)  # shuffle: true (the default) reorders
+
+
+def test_fp16_optimizers_carry_a_gradient_scaler_whose_scale_outlives_the_round():
+    """``amp: fp16``: every optimizer a client hands out steps through a gradient scaler, and the
+    scale it reached is kept in the client's state and restored next time (not 2¹⁶ again)."""
+    from pflbench.training import scaler_of
+
+    model = build_model(TINY_MODEL, tiny_federation(), 0)
+    assert scaler_of(make_client(model).optimizer(model.parameters())) is None  # amp off
+    c = make_client(model, amp="fp16")
+    opt = c.optimizer(model.parameters())
+    scaler = scaler_of(opt)
+    assert scaler is not None and scaler.get_scale() == 2.0**16
+    scaler.scale(torch.ones(()))  # a first scaled loss, as a training step makes
+    scaler.update(new_scale=1024.0)
+    c.keep_optimizer(opt)
+    assert float(c.state["_grad_scaler/main"]["scale"]) == 1024.0
+    assert scaler_of(c.optimizer(model.parameters())).get_scale() == 1024.0
 
 
 def test_extra_work_counts_zero_and_refuses_a_negative_count():

@@ -399,6 +399,35 @@ def test_personal_average_of_element_masks_is_per_element_over_the_clients_keepi
     assert out.info["newcomer_bytes_up"] > 0
 
 
+def test_personal_average_uploads_only_tensors_with_a_personal_element():
+    """A tensor whose element mask shares every element has nothing personal: it is not part of
+    the one upload after the last round (its bytes would be counted for nothing)."""
+    from pflbench.messages import Upload, payload_bytes
+
+    keys: dict = {}
+
+    class Masked(get_method("fedavg")):  # type: ignore[misc, valid-type]
+        def client_partition(self, client):
+            part = super().client_partition(client)
+            floats = [k for k, v in client.model.state_dict().items() if v.is_floating_point()]
+            keys["all"], keys["one"] = floats[0], floats[1]
+            part[keys["all"]] = torch.ones_like(
+                client.model.state_dict()[keys["all"]], dtype=torch.bool
+            )
+            one = torch.ones_like(client.model.state_dict()[keys["one"]], dtype=torch.bool)
+            one.view(-1)[0] = False  # one personal element
+            part[keys["one"]] = one
+            return part
+
+    Masked.name = "fedavg"
+    fed, out = _run(tiny_federation(), Masked(), regimes=["zero_shot"], newcomer_personal="average")
+    shape = fed.model.state_dict()[keys["one"]].shape
+    mask = torch.zeros(shape, dtype=torch.bool)
+    mask.view(-1)[0] = True
+    one = Upload(entries={keys["one"]: torch.zeros(shape)}, masks={keys["one"]: mask}, weight=1.0)
+    assert out.info["newcomer_bytes_up"] == 2 * payload_bytes(one)  # two federated clients
+
+
 def test_personal_average_reads_each_clients_partition_as_of_the_last_round():
     """FedAP shares everything during its warm-up and keeps BatchNorm local after it: the
     personal entries uploaded once after the last round are the BN ones of that last round."""
