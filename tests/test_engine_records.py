@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import tiny_federation
-from method_helpers import run
+from method_helpers import capturing, run
 
 import pflbench.engine as engine_module
 from pflbench.engine import autocast, output_channels, peak_memory_mb, resolve_device
@@ -251,3 +251,15 @@ def test_setup_traffic_is_counted_in_round_zero():
     down = setup.groupby("client")["bytes_down"].sum()
     assert up.to_dict() == {c: bank for c in ("site0", "site1", "site2")}
     assert down.to_dict() == {c: 2 * bank for c in ("site0", "site1", "site2")}
+
+
+def test_the_protocols_shuffle_and_fp16_reach_every_clients_local_work():
+    """``shuffle`` and ``amp`` of the protocol are what the clients train with: turning shuffling
+    off changes the run, and under fp16 each client keeps its gradient scaler's scale."""
+    data = tiny_federation()
+    _, shuffled = run(data, "fedavg", rounds=1)
+    _, ordered = run(data, "fedavg", rounds=1, shuffle=False)
+    assert not shuffled.rounds["value"].equals(ordered.rounds["value"])
+    cls = capturing(get_method("fedavg"))
+    run(data, cls(), rounds=1, amp="fp16")
+    assert all("_grad_scaler/main" in cls.states[c] for c in ("site0", "site1", "site2"))
