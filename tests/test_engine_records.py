@@ -7,7 +7,6 @@ from __future__ import annotations
 import dataclasses
 import resource
 import sys
-import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -47,8 +46,11 @@ def test_round_rows_name_their_client_and_structure():
     assert set(means["client"]) == {s.name for s in data.sites}
 
 
-def test_a_one_round_run_selects_its_only_round():
-    _, out = run(tiny_federation(), "fedavg", rounds=1)
+@pytest.mark.parametrize("start", ["after_half", "benchmark"])
+def test_a_one_round_run_selects_its_only_round(start):
+    """best_after_half on one round: round 1 is selectable under either start rule (the
+    benchmark rule alone would put the first selectable round at 2)."""
+    _, out = run(tiny_federation(), "fedavg", rounds=1, selection_start=start)
     assert out.info["selected_rounds"] == {"site0": 1, "site1": 1, "site2": 1}
     best = out.cases[out.cases["selection"] == "best"]
     assert len(best) and set(best["round"]) == {1}
@@ -65,20 +67,24 @@ def test_selection_last_reports_the_last_model_under_both_labels():
     assert best.reset_index(drop=True).equals(last.reset_index(drop=True))
 
 
-def test_evaluation_time_accumulates_over_rounds_and_the_final_cases():
-    """``timings.eval_s`` is the sum over every evaluation (each round's and the final
-    cases'): with each model hand-out taking 20 ms, at least 3 rounds × 3 clients of them plus
-    the final cases' 3 (a sum, not the last interval; never reduced by the final cases)."""
+def test_evaluation_time_accumulates_over_rounds_and_the_final_cases(monkeypatch):
+    """``timings.eval_s`` sums every evaluation window (each round's and the final cases').
+    The engine's clock is replaced by one that advances one unit per model handed out for
+    evaluation, so the sum is exact: 3 rounds × 3 clients + the final cases' 3 = 12 (the last
+    window alone would be 3 + 3; subtracting the final cases, 6)."""
+    clock = [0.0]
 
-    class Slow(get_method("fedavg")):  # type: ignore[misc, valid-type]
+    class Ticking(get_method("fedavg")):  # type: ignore[misc, valid-type]
         def eval_model(self, client):
-            time.sleep(0.02)
+            clock[0] += 1.0
             return super().eval_model(client)
 
-    Slow.name = "fedavg"
-    _, out = run(tiny_federation(), Slow(), rounds=3)
-    assert out.info["timings"]["eval_s"] >= 0.02 * (3 * 3 + 3)
-    assert out.info["timings"]["eval_s"] <= out.info["timings"]["total_s"]
+    Ticking.name = "fedavg"
+    monkeypatch.setattr(engine_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    _, out = run(tiny_federation(), Ticking(), rounds=3)
+    timings = out.info["timings"]
+    assert timings["eval_s"] == 12.0 and timings["total_s"] == 12.0
+    assert timings["train_s"] == timings["aggregate_s"] == timings["setup_s"] == 0.0
 
 
 def test_the_protocols_thread_count_is_applied_and_recorded():
