@@ -269,3 +269,31 @@ def test_the_protocols_shuffle_and_fp16_reach_every_clients_local_work():
     cls = capturing(get_method("fedavg"))
     run(data, cls(), rounds=1, amp="fp16")
     assert all("_grad_scaler/main" in cls.states[c] for c in ("site0", "site1", "site2"))
+
+
+def test_scores_use_the_sites_spacing_and_the_datasets_case_level():
+    """Surface distances are in the site's physical units (doubling the pixel spacing doubles
+    HD95 and ASSD of the same predictions), and a volume dataset is scored once per volume."""
+    data = tiny_federation()
+    wide = dataclasses.replace(
+        data, sites=[dataclasses.replace(s, spacing=(2.0, 2.0)) for s in data.sites]
+    )
+    _, one = run(data, "fedavg", rounds=1, surface_metrics=True)
+    _, two = run(wide, "fedavg", rounds=1, surface_metrics=True)
+    for col in ("hd95", "assd"):
+        a, b = one.cases[col].to_numpy(), two.cases[col].to_numpy()
+        finite = np.isfinite(a)
+        assert finite.any() and (a[finite] > 0).any()
+        np.testing.assert_allclose(b[finite], 2.0 * a[finite], rtol=1e-6)
+    vol = dataclasses.replace(
+        data,
+        sites=[
+            dataclasses.replace(s, case_ids=[f"{s.name}-v{i // 2}" for i in range(len(s))])
+            for s in data.sites
+        ],
+        case_level="volume",
+    )
+    _, out = run(vol, "fedavg", rounds=1)
+    test = out.cases[(out.cases["split"] == "test") & (out.cases["selection"] == "last")]
+    per_case = test.groupby(["client", "case_id"]).size()
+    assert (per_case == len(data.structures)).all() and len(per_case) > 0
