@@ -273,7 +273,8 @@ def test_the_protocols_shuffle_and_fp16_reach_every_clients_local_work():
 
 def test_scores_use_the_sites_spacing_and_the_datasets_case_level():
     """Surface distances are in the site's physical units (doubling the pixel spacing doubles
-    HD95 and ASSD of the same predictions), and a volume dataset is scored once per volume."""
+    HD95 and ASSD of the same predictions), computed only when the protocol asks, and a volume
+    dataset is scored once per volume."""
     data = tiny_federation()
     wide = dataclasses.replace(
         data, sites=[dataclasses.replace(s, spacing=(2.0, 2.0)) for s in data.sites]
@@ -297,3 +298,4 @@ def test_scores_use_the_sites_spacing_and_the_datasets_case_level():
     test = out.cases[(out.cases["split"] == "test") & (out.cases["selection"] == "last")]
     per_case = test.groupby(["client", "case_id"]).size()
     assert (per_case == len(data.structures)).all() and len(per_case) > 0
+    assert out.cases[["hd95", "assd"]].isna().all().all()  # surface_metrics: false computes none
