@@ -41,6 +41,7 @@ def test_round_rows_name_their_client_and_structure():
     rows = out.rounds
     assert set(rows["client"]) == {s.name for s in data.sites}
     assert rows["structure"].notna().all() and rows["client"].notna().all()
+    assert set(rows["metric"]) == {"dice", "iou"} and set(rows["structure"]) == {"blob", "mean"}
     means = rows[(rows["structure"] == "mean") & (rows["split"] == "val")]
     assert len(means) == 2 * 3 * 2  # rounds × clients × (dice, iou)
     assert set(means["client"]) == {s.name for s in data.sites}
