@@ -300,3 +300,32 @@ def test_scores_use_the_sites_spacing_and_the_datasets_case_level():
     per_case = test.groupby(["client", "case_id"]).size()
     assert (per_case == len(data.structures)).all() and len(per_case) > 0
     assert out.cases[["hd95", "assd"]].isna().all().all()  # surface_metrics: false computes none
+
+
+def test_models_are_handed_out_for_evaluation_at_their_round():
+    """``eval_model`` sees the round being evaluated, the final cases' last model included."""
+    seen = []
+
+    class Rounds(get_method("fedavg")):  # type: ignore[misc, valid-type]
+        def eval_model(self, client):
+            seen.append(client.round)
+            return super().eval_model(client)
+
+    Rounds.name = "fedavg"
+    run(tiny_federation(), Rounds(), rounds=2)
+    assert seen == [1] * 3 + [2] * 3 + [2] * 3  # rounds 1 and 2, then the final cases
+
+
+def test_a_tie_in_validation_dice_keeps_the_earlier_round():
+    """A client whose model never changes scores the same every round: the best snapshot is
+    the first selectable round (3 of 4 under best_after_half), not a later equal one."""
+
+    class Frozen(get_method("fedavg")):  # type: ignore[misc, valid-type]
+        def local_update(self, client):
+            pass  # no training: every round evaluates the initial model
+
+    Frozen.name = "fedavg"
+    _, out = run(tiny_federation(), Frozen(), rounds=4)
+    val = out.rounds[(out.rounds["split"] == "val") & (out.rounds["metric"] == "dice")]
+    assert val.groupby(["client", "structure"])["value"].nunique().eq(1).all()  # a real tie
+    assert out.info["selected_rounds"] == {"site0": 3, "site1": 3, "site2": 3}
