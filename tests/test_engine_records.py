@@ -329,3 +329,19 @@ def test_a_tie_in_validation_dice_keeps_the_earlier_round():
     val = out.rounds[(out.rounds["split"] == "val") & (out.rounds["metric"] == "dice")]
     assert val.groupby(["client", "structure"])["value"].nunique().eq(1).all()  # a real tie
     assert out.info["selected_rounds"] == {"site0": 3, "site1": 3, "site2": 3}
+
+
+def test_peak_memory_adds_the_gpus_peak_on_a_cuda_device_only(monkeypatch):
+    """On a CUDA device the manifest's peak is the process's RSS plus the GPU's peak allocation
+    (both MiB); on the CPU the GPU is not asked."""
+    monkeypatch.setattr(sys, "platform", "linux")
+    monkeypatch.setattr(resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=3 * 1024))
+    asked = []
+
+    def gpu_peak(device):
+        asked.append(device)
+        return 5 * 2**20
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", gpu_peak)
+    assert peak_memory_mb(torch.device("cpu")) == 3.0 and asked == []
+    assert peak_memory_mb(torch.device("cuda", 0)) == 8.0 and asked == [torch.device("cuda", 0)]
