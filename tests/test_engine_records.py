@@ -68,14 +68,26 @@ def test_selection_last_reports_the_last_model_under_both_labels():
     assert best.reset_index(drop=True).equals(last.reset_index(drop=True))
 
 
-def test_evaluation_time_accumulates_over_rounds_and_the_final_cases(monkeypatch):
-    """``timings.eval_s`` sums every evaluation window (each round's and the final cases').
-    The engine's clock is replaced by one that advances one unit per model handed out for
-    evaluation, so the sum is exact: 3 rounds × 3 clients + the final cases' 3 = 12 (the last
-    window alone would be 3 + 3; subtracting the final cases, 6)."""
+def test_phase_times_accumulate_over_rounds_and_the_final_cases(monkeypatch):
+    """``timings`` sums each phase's windows. The engine's clock is replaced by one that only
+    the method's hooks advance: 10 per client set-up, 100 per local update, 1000 per
+    aggregation, 1 per model evaluated. Three rounds of three clients give setup 30, train 900,
+    aggregate 3000 and eval 3 × 3 + 3 (the final cases) = 12: sums, not the last window."""
     clock = [0.0]
 
     class Ticking(get_method("fedavg")):  # type: ignore[misc, valid-type]
+        def setup(self, client):
+            clock[0] += 10.0
+            return super().setup(client)
+
+        def local_update(self, client):
+            clock[0] += 100.0
+            return super().local_update(client)
+
+        def aggregate(self, uploads, round):
+            clock[0] += 1000.0
+            return super().aggregate(uploads, round)
+
         def eval_model(self, client):
             clock[0] += 1.0
             return super().eval_model(client)
@@ -83,9 +95,9 @@ def test_evaluation_time_accumulates_over_rounds_and_the_final_cases(monkeypatch
     Ticking.name = "fedavg"
     monkeypatch.setattr(engine_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
     _, out = run(tiny_federation(), Ticking(), rounds=3)
-    timings = out.info["timings"]
-    assert timings["eval_s"] == 12.0 and timings["total_s"] == 12.0
-    assert timings["train_s"] == timings["aggregate_s"] == timings["setup_s"] == 0.0
+    timings = {k: out.info["timings"][k] for k in ("setup_s", "train_s", "aggregate_s", "eval_s")}
+    assert timings == {"setup_s": 30.0, "train_s": 900.0, "aggregate_s": 3000.0, "eval_s": 12.0}
+    assert out.info["timings"]["total_s"] == 3942.0
 
 
 def test_the_protocols_thread_count_is_applied_and_recorded():
