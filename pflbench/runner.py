@@ -213,11 +213,15 @@ class DataCache:
         """What makes two dataset specs load the same data and split."""
         return json.dumps([spec.name, spec.options, spec.split_seed], sort_keys=True, default=str)
 
+    @staticmethod
+    def load(spec: DatasetSpec) -> FederatedData:
+        """The dataset a spec names, loaded from its source (no caching)."""
+        return get_dataset(spec.name)(**spec.options).load()
+
     def get(self, spec: DatasetSpec) -> tuple[FederatedData, dict, str]:
         k = self.key(spec)
         if k not in self._cache:
-            cls = get_dataset(spec.name)
-            data = cls(**spec.options).load()
+            data = self.load(spec)
             splits = make_splits(data, seed=spec.split_seed)
             self._cache[k] = (data, splits, splits_fingerprint(data, splits))
         return self._cache[k]

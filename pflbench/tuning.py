@@ -37,7 +37,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from pflbench.params import Param
-from pflbench.registry import get_dataset, get_method
+from pflbench.registry import get_method
 from pflbench.results import results_dir
 from pflbench.runner import DataCache, RunSpec, execute
 from pflbench.suite import DatasetSpec, MethodSpec, Protocol, SearchRange, Suite, Tuning
@@ -548,8 +548,7 @@ def held_out_sets(suite: Suite, dataset: DatasetSpec) -> list[tuple[str, ...]]:
         return [()]
     key = DataCache.key(dataset)
     if key not in _SITE_NAMES:
-        cls = get_dataset(dataset.name)
-        _SITE_NAMES[key] = list(cls(**dataset.options).load().site_names)
+        _SITE_NAMES[key] = list(DataCache.load(dataset).site_names)
     return suite.evaluation.held_out_sets(_SITE_NAMES[key], dataset.key)
 
 

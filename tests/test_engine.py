@@ -22,6 +22,9 @@ from pflbench.messages import Upload
 from pflbench.method import Method
 from pflbench.metrics import evaluate_cases
 from pflbench.registry import get_method
+from pflbench.suite import parse_suite
+from pflbench.training import scaler_of
+from pflbench.tuning import StudyRef
 
 UNEQUAL = (6, 10, 20)  # images per site: 4, 7 and 14 training images after the 70/10/20 split
 
@@ -225,9 +228,6 @@ def test_planning_unseen_sites_leaves_no_dataset_in_a_module():
     it keeps for that must not be the data itself, or every client hook of every later run in
     the process reaches all sites through the module (the hook test above walks module
     globals, so it would fail after such a sweep, in any test order)."""
-    from pflbench.suite import parse_suite
-    from pflbench.tuning import StudyRef
-
     raw = {
         "name": "u",
         "datasets": [{"name": "synthetic", "options": {"sites": 3, "size": 16}}],
@@ -374,8 +374,6 @@ def test_client_batches_apply_the_suites_augmentation_and_order():
 def test_fp16_optimizers_carry_a_gradient_scaler_whose_scale_outlives_the_round():
     """``amp: fp16``: every optimizer a client hands out steps through a gradient scaler, and the
     scale it reached is kept in the client's state and restored next time (not 2¹⁶ again)."""
-    from pflbench.training import scaler_of
-
     model = build_model(TINY_MODEL, tiny_federation(), 0)
     assert scaler_of(make_client(model).optimizer(model.parameters())) is None  # amp off
     c = make_client(model, amp="fp16")

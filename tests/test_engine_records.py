@@ -12,14 +12,17 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_federation
+from conftest import TINY_MODEL, fast_protocol, tiny_federation
 from method_helpers import capturing, run
 
 import pflbench.engine as engine_module
-from pflbench.engine import autocast, output_channels, peak_memory_mb, resolve_device
+from pflbench.data import make_splits
+from pflbench.engine import Federation, autocast, output_channels, peak_memory_mb, resolve_device
+from pflbench.methods.resfim import ResFIM
 from pflbench.metrics import METRIC_COLUMNS
 from pflbench.partition import partition_sizes
 from pflbench.registry import get_method
+from pflbench.training import Diverged
 
 
 @pytest.mark.parametrize(
@@ -111,11 +114,6 @@ def test_the_protocols_thread_count_is_applied_and_recorded():
 
 def test_the_hooks_get_each_round_and_the_clients_mean_validation_dice():
     """The tuner's pruning hook: (round, mean over clients of the round's validation Dice)."""
-    from conftest import TINY_MODEL, fast_protocol
-
-    from pflbench.data import make_splits
-    from pflbench.engine import Federation
-
     data = tiny_federation()
     seen, progress = [], []
     fed = Federation(
@@ -171,8 +169,6 @@ def test_every_evaluation_forward_runs_in_the_protocols_precision(monkeypatch):
 
 
 def _breaks_in_round(k: int) -> type:
-    from pflbench.training import Diverged
-
     class Breaks(get_method("fedavg")):  # type: ignore[misc, valid-type]
         def local_update(self, client):
             if client.round == k:
@@ -261,8 +257,6 @@ def test_the_sampled_clients_follow_the_run_seed():
 def test_setup_traffic_is_counted_in_round_zero():
     """ResFIM's amplitude bank: each client uploads its bank once and receives the others' in
     round 0, before any training round."""
-    from pflbench.methods.resfim import ResFIM
-
     _, out = run(tiny_federation(), ResFIM(bank_size=2, fisher_samples=2), rounds=1)
     setup = out.comm[out.comm["round"] == 0]
     bank = 2 * 1 * 16 * 16 * 4  # bank_size × C × H × W float32

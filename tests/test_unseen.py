@@ -20,12 +20,13 @@ import pflbench.client as client_module
 from pflbench.client import Budget
 from pflbench.data import FederatedData, make_splits
 from pflbench.engine import Federation
-from pflbench.messages import Message
+from pflbench.messages import Message, Upload, payload_bytes
 from pflbench.method import Method, ServerView, missing_statistics
 from pflbench.methods.fedrdn import channel_statistics
 from pflbench.registry import get_method
 from pflbench.runner import RunSpec, plan
 from pflbench.suite import DatasetSpec, Evaluation, MethodSpec, SuiteError, parse_suite
+from pflbench.training import Diverged
 
 HELD = "site2"
 
@@ -282,7 +283,6 @@ def test_a_diverged_few_shot_adaptation_is_named_and_the_other_regimes_still_sco
     """A newcomer whose few-shot steps diverge loses that regime only: the error names the site,
     the zero-shot rows remain (listed after it or not), and a run left with no unseen row at
     all still finishes."""
-    from pflbench.training import Diverged
 
     class Unstable(get_method("fedavg")):  # type: ignore[misc, valid-type]
         def newcomer_adapt(self, site, model, steps):
@@ -402,8 +402,6 @@ def test_personal_average_of_element_masks_is_per_element_over_the_clients_keepi
 def test_personal_average_uploads_only_tensors_with_a_personal_element():
     """A tensor whose element mask shares every element has nothing personal: it is not part of
     the one upload after the last round (its bytes would be counted for nothing)."""
-    from pflbench.messages import Upload, payload_bytes
-
     keys: dict = {}
 
     class Masked(get_method("fedavg")):  # type: ignore[misc, valid-type]
