@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from conftest import TINY_MODEL, fast_protocol, tiny_federation
-from method_helpers import make_client
+from method_helpers import make_client, run
 
 from pflbench.aggregation import aggregation_weights, masked_average, merge_into
 from pflbench.client import Budget
@@ -27,12 +27,6 @@ from pflbench.training import scaler_of
 from pflbench.tuning import StudyRef
 
 UNEQUAL = (6, 10, 20)  # images per site: 4, 7 and 14 training images after the 70/10/20 split
-
-
-def run(data: FederatedData, method: str | Method, seed: int = 0, **proto):
-    m = get_method(method)() if isinstance(method, str) else method
-    fed = Federation(data, make_splits(data), m, TINY_MODEL, fast_protocol(**proto), seed)
-    return fed, fed.run()
 
 
 def test_same_seed_same_threads_is_bitwise_identical(tiny):
