@@ -75,8 +75,9 @@ def test_phase_times_accumulate_over_rounds_and_the_final_cases(monkeypatch):
     """``timings`` sums each phase's windows. The engine's clock is replaced by one that only
     the method's hooks advance: 10 per client set-up, 100 per local update, 1000 per
     aggregation, 1 per model evaluated. Three rounds of three clients give setup 30, train 900,
-    aggregate 3000 and eval 3 × 3 + 3 (the final cases) = 12: sums, not the last window."""
-    clock = [0.0]
+    aggregate 3000 and eval 3 × 3 + 3 (the final cases) = 12: sums, not the last window. The
+    clock starts far from zero, so that a window added to its start, not subtracted, shows."""
+    clock = [5000.0]
 
     class Ticking(get_method("fedavg")):  # type: ignore[misc, valid-type]
         def setup(self, client):
@@ -193,6 +194,39 @@ def test_a_run_that_diverges_between_evaluations_is_scored_at_its_last_completed
     assert list(out.cases.columns) == ["selection", "round", "client", "split", *METRIC_COLUMNS]
     _, kept = run(tiny_federation(), "fedavg", rounds=1, optimizer_state="persist")
     assert kept.info["optimizer_state"] == "persist"
+
+
+def test_a_run_that_diverges_right_after_an_evaluation_is_not_evaluated_twice():
+    """eval_every 1, divergence in round 3: round 2 was evaluated when it ended, so its rows
+    appear once (a second evaluation would duplicate every round-2 row)."""
+    _, out = run(tiny_federation(), _breaks_in_round(3)(), rounds=3, eval_every=1)
+    assert out.info["status"] == "diverged" and out.info["rounds_done"] == 2
+    keys = ["round", "client", "split", "structure", "metric"]
+    assert not out.rounds.duplicated(keys).any()
+    assert len(out.rounds) == 2 * 3 * 2 * 2  # rounds × clients × (blob, mean) × (dice, iou)
+    assert set(out.cases.loc[out.cases["selection"] == "last", "round"]) == {2}
+
+
+def test_unseen_sites_are_scored_only_in_a_final_run_that_holds_some_out():
+    """A final run with no held-out site has no unseen rows and no ``unseen_s`` timing; a tuning
+    run that holds a site out never scores it (tuning sees validation splits only)."""
+    data = tiny_federation()
+    _, plain = run(data, "fedavg", rounds=1)
+    assert "unseen_s" not in plain.info["timings"] and "held_out" not in plain.info
+    assert set(plain.cases["split"]) == {"val", "test"} and "regime" not in plain.cases
+    fed = Federation(
+        data,
+        make_splits(data),
+        get_method("fedavg")(),
+        TINY_MODEL,
+        fast_protocol(rounds=1),
+        0,
+        mode="tune",
+        held_out=["site2"],
+    )
+    tune = fed.run()
+    assert tune.info["held_out"] == ["site2"] and "unseen_s" not in tune.info["timings"]
+    assert set(tune.cases["split"]) == {"val"} and set(tune.cases["client"]) == {"site0", "site1"}
 
 
 def test_a_run_that_diverges_in_round_one_has_empty_tables_with_their_columns():
