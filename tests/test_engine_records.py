@@ -149,6 +149,28 @@ def test_the_manifest_sizes_each_clients_partition_as_of_the_last_round():
     assert out.info["client_partition_sizes"] == {c: want for c in ("site0", "site1", "site2")}
 
 
+def test_the_manifest_records_placement_partition_deviations_and_the_devices_memory(monkeypatch):
+    """The manifest fields the README and the report read: where the site data sit (the host, on
+    the CPU), the method's base partition, the deviations in force for this configuration
+    (Ditto with an explicit ``personal_epochs``) and peak memory measured for the run's device."""
+    asked = []
+
+    def fake_peak(device=None):
+        asked.append(device)
+        return 7.5
+
+    monkeypatch.setattr(engine_module, "peak_memory_mb", fake_peak)
+    method = get_method("ditto")(personal_epochs=1)
+    fed, out = run(tiny_federation(), method, rounds=1, local_epochs=2)
+    info = out.info
+    assert info["data_placement"] == "host"
+    assert info["partition_sizes"] == partition_sizes(fed.model, method.partition(fed.model))
+    assert info["partition_sizes"]["shared"] > 0
+    assert info["deviations"] == method.active_deviations()
+    assert any("personal_epochs = 1" in d for d in info["deviations"])
+    assert info["peak_memory_mb"] == 7.5 and asked == [torch.device("cpu")]
+
+
 def test_every_evaluation_forward_runs_in_the_protocols_precision(monkeypatch):
     """``amp: bf16``: the per-round evaluation and the final cases (selected and last rounds)
     predict under bf16 too: reported numbers come from the precision the suite asked for.
