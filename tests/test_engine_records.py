@@ -310,6 +310,49 @@ def test_the_sampled_clients_follow_the_run_seed():
     assert first != sampled(1) or first != sampled(2)
 
 
+def test_each_rounds_sampled_clients_are_distinct():
+    """Clients are sampled without replacement: three of four take part in every round, three
+    different ones (a draw with replacement would train some client twice in a round)."""
+    _, out = run(tiny_federation(n_sites=4), "fedavg", rounds=8, eval_every=8, client_fraction=0.75)
+    sampled = out.comm[(out.comm["round"] > 0) & out.comm["sampled"]]
+    assert sampled.groupby("round")["client"].nunique().tolist() == [3] * 8
+    assert sampled.groupby("round").size().tolist() == [3] * 8
+
+
+def test_every_download_is_recorded_against_the_client_that_received_it():
+    """FedAvg broadcasts to every client after every round: one download row per client and
+    round, each naming its client and carrying the message's bytes."""
+    data = tiny_federation()
+    _, out = run(data, "fedavg", rounds=2)
+    down = out.comm[out.comm["bytes_down"] > 0]
+    names = sorted(s.name for s in data.sites)
+    assert [sorted(g["client"]) for _, g in down.groupby("round")] == [names, names]
+    assert down["bytes_down"].nunique() == 1  # the same broadcast to all
+
+
+def test_a_method_that_never_communicates_is_never_asked_for_an_upload():
+    """``communicates = False`` is a promise the engine keeps: no upload is requested (even
+    though the inherited ``upload`` would return one), nothing is aggregated, no byte moves."""
+    calls = {"upload": 0, "aggregate": 0}
+
+    class Silent(get_method("fedavg")):  # type: ignore[misc, valid-type]
+        communicates = False
+
+        def upload(self, client):
+            calls["upload"] += 1
+            return super().upload(client)
+
+        def aggregate(self, uploads, round):
+            calls["aggregate"] += 1
+            return super().aggregate(uploads, round)
+
+    Silent.name = "fedavg"
+    _, out = run(tiny_federation(), Silent(), rounds=2)
+    assert calls == {"upload": 0, "aggregate": 0}
+    assert out.info["bytes_up"] == 0 and out.info["bytes_down"] == 0
+    assert out.comm["sampled"].sum() == 2 * 3  # every client still trained in both rounds
+
+
 def test_setup_traffic_is_counted_in_round_zero():
     """ResFIM's amplitude bank: each client uploads its bank once and receives the others' in
     round 0, before any training round."""
