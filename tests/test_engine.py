@@ -288,6 +288,14 @@ def test_tuning_mode_never_builds_the_test_split(tiny):
     assert set(out.cases["split"]) == {"val"} and set(out.rounds["split"]) == {"val"}
     with pytest.raises(TestSplitAccessError, match="not available while tuning"):
         _ = build_clients(tiny, make_splits(tiny), mode="tune")[0].test
+    # nor do the federation's own clients, held-out sites included, hold one
+    held = Federation(
+        tiny, make_splits(tiny), m, TINY_MODEL, fast_protocol(), 0, mode="tune", held_out=["site2"]
+    )
+    assert len(held.clients) == 2 and len(held.newcomers) == 1
+    for client in fed.clients + held.clients + held.newcomers:
+        with pytest.raises(TestSplitAccessError, match="not available while tuning"):
+            _ = client.test
 
 
 def test_diverging_run_is_recorded_not_raised(tiny):

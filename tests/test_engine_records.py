@@ -102,6 +102,7 @@ def test_phase_times_accumulate_over_rounds_and_the_final_cases(monkeypatch):
     timings = {k: out.info["timings"][k] for k in ("setup_s", "train_s", "aggregate_s", "eval_s")}
     assert timings == {"setup_s": 30.0, "train_s": 900.0, "aggregate_s": 3000.0, "eval_s": 12.0}
     assert out.info["timings"]["total_s"] == 3942.0
+    assert set(out.info["timings"]) == {"setup_s", "train_s", "aggregate_s", "eval_s", "total_s"}
 
 
 def test_the_protocols_thread_count_is_applied_and_recorded():
@@ -351,6 +352,53 @@ def test_a_method_that_never_communicates_is_never_asked_for_an_upload():
     assert calls == {"upload": 0, "aggregate": 0}
     assert out.info["bytes_up"] == 0 and out.info["bytes_down"] == 0
     assert out.comm["sampled"].sum() == 2 * 3  # every client still trained in both rounds
+
+
+def test_the_clients_random_streams_follow_the_run_seed():
+    """Each client's generator is seeded from the run seed: the same seed draws the same
+    numbers in every client hook, another seed other numbers."""
+
+    def draws(seed: int) -> list[float]:
+        seen: list[float] = []
+
+        class Probe(get_method("fedavg")):  # type: ignore[misc, valid-type]
+            def local_update(self, client):
+                seen.extend(torch.rand(2, generator=client.generator("probe")).tolist())
+                return super().local_update(client)
+
+        Probe.name = "fedavg"
+        run(tiny_federation(), Probe(), seed=seed, rounds=1)
+        return seen
+
+    first = draws(0)
+    assert len(first) == 3 * 2 and len(set(first)) == 6  # each client its own numbers
+    assert first == draws(0)
+    assert set(first).isdisjoint(draws(1))
+
+
+def test_a_newcomer_of_a_method_that_never_communicates_is_shown_no_messages():
+    """``ServerView.messages`` is empty (not absent) when the federation sent nothing."""
+    shown = []
+
+    class Silent(get_method("local")):  # type: ignore[misc, valid-type]
+        def newcomer_model(self, view, site):
+            shown.append(view.messages)
+            return super().newcomer_model(view, site)
+
+    Silent.name = "local"
+    data = tiny_federation()
+    fed = Federation(
+        data,
+        make_splits(data),
+        Silent(),
+        TINY_MODEL,
+        fast_protocol(rounds=1),
+        0,
+        held_out=["site2"],
+    )
+    out = fed.run()
+    assert shown == [{}]
+    assert set(out.cases.loc[out.cases["split"] == "unseen", "client"]) == {"site2"}
 
 
 def test_setup_traffic_is_counted_in_round_zero():
