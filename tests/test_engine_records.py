@@ -401,6 +401,54 @@ def test_a_newcomer_of_a_method_that_never_communicates_is_shown_no_messages():
     assert set(out.cases.loc[out.cases["split"] == "unseen", "client"]) == {"site2"}
 
 
+def test_the_server_starts_from_the_initial_model_and_the_set_up_is_round_zero():
+    """``start_server`` is handed the seeded initial model and the clients' ids in order; every
+    set-up hook (the client's and the server's answer to it) runs in round 0, before round 1."""
+    seen: dict = {"setup": [], "receive": []}
+
+    class Recording(get_method("fedavg")):  # type: ignore[misc, valid-type]
+        def start_server(self, model, client_ids):
+            seen["start"] = ({k: v.clone() for k, v in model.state_dict().items()}, client_ids)
+            super().start_server(model, client_ids)
+
+        def setup(self, client):
+            seen["setup"].append((client.id, client.round))
+            return torch.zeros(3)
+
+        def setup_server(self, payloads):
+            seen["payloads"] = sorted(payloads)
+            return {cid: torch.ones(2) for cid in payloads}
+
+        def receive_setup(self, client, message):
+            seen["receive"].append((client.id, client.round, message.tolist()))
+
+    Recording.name = "fedavg"
+    fed, out = run(tiny_federation(), Recording(), rounds=1)
+    ids = ["site0", "site1", "site2"]
+    state, client_ids = seen["start"]
+    assert list(client_ids) == ids and state.keys() == fed.initial.keys()
+    assert all(torch.equal(state[k], fed.initial[k]) for k in state)
+    assert seen["setup"] == [(c, 0) for c in ids] and seen["payloads"] == ids
+    assert seen["receive"] == [(c, 0, [1.0, 1.0]) for c in ids]
+    setup = out.comm[out.comm["round"] == 0]
+    assert setup["bytes_up"].sum() == 3 * 3 * 4 and setup["bytes_down"].sum() == 3 * 2 * 4
+
+
+def test_without_a_set_up_payload_the_server_is_not_asked_to_answer_one():
+    """FedAvg sends nothing at set-up: ``setup_server`` is never called, round 0 moves no bytes."""
+    calls = []
+
+    class Quiet(get_method("fedavg")):  # type: ignore[misc, valid-type]
+        def setup_server(self, payloads):
+            calls.append(dict(payloads))
+            return super().setup_server(payloads)
+
+    Quiet.name = "fedavg"
+    _, out = run(tiny_federation(), Quiet(), rounds=1)
+    assert calls == []
+    assert out.comm[out.comm["round"] == 0].empty
+
+
 def test_setup_traffic_is_counted_in_round_zero():
     """ResFIM's amplitude bank: each client uploads its bank once and receives the others' in
     round 0, before any training round."""
