@@ -287,6 +287,40 @@ def test_asking_for_cuda_without_one_is_refused_by_name():
         resolve_device("cuda")
 
 
+def test_auto_picks_cuda_where_torch_sees_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto") == torch.device("cuda")
+    assert resolve_device("cuda") == torch.device("cuda")
+
+
+def test_holding_out_an_unknown_site_or_every_site_is_refused_by_name():
+    """The engine's own check (the suite checks first): the error names the unknown site, the
+    dataset and its sites; holding out every site leaves no federation."""
+    data = tiny_federation()
+
+    def federation(held):
+        return Federation(
+            data,
+            make_splits(data),
+            get_method("fedavg")(),
+            TINY_MODEL,
+            fast_protocol(),
+            0,
+            held_out=held,
+        )
+
+    names = str(["site0", "site1", "site2"])
+    with pytest.raises(ValueError) as err:
+        federation(["site1", "site9"])
+    assert (
+        str(err.value)
+        == f"held-out sites ['site9'] are not sites of dataset {data.name!r} ({names})"
+    )
+    with pytest.raises(ValueError) as err:
+        federation(("site0", "site1", "site2"))
+    assert str(err.value) == f"dataset {data.name!r}: holding out {names} leaves no site"
+
+
 def test_a_clean_run_says_ok_with_no_error_and_its_phase_times_within_the_total():
     _, out = run(tiny_federation(), "fedavg", rounds=1)
     info = out.info
