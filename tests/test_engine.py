@@ -331,6 +331,18 @@ def test_new_model_is_an_independent_copy_of_the_clients_architecture():
     assert all(torch.equal(c.new_model().state_dict()[k], v) for k, v in before.items())
 
 
+def test_fit_trains_only_the_parameters_it_is_given():
+    """``Client.fit(params=…)`` (FedRep's head and body phases, FedBABU's frozen head): the
+    parameters left out keep their values; those given move."""
+    c = make_client(build_model(TINY_MODEL, tiny_federation(), 0))
+    named = dict(c.model.named_parameters())
+    chosen = list(named)[-2:]  # the output layer's weight and bias
+    before = {k: v.detach().clone() for k, v in named.items()}
+    c.fit(params=[named[k] for k in chosen])
+    for k, v in c.model.named_parameters():
+        assert torch.equal(v, before[k]) == (k not in chosen), k
+
+
 def test_each_generator_is_its_own_stream_of_run_seed_client_round_and_call():
     """``Client.generator``: reproducible from (run seed, stream, client, round, call number),
     and different when any one of them changes, a second call on the same stream included."""
