@@ -385,6 +385,22 @@ def test_client_batches_apply_the_suites_augmentation_and_order():
     assert not torch.equal(shuffled, images)  # shuffle: true (the default) reorders
 
 
+def test_client_batches_apply_the_augmentations_listed_and_count_under_local():
+    """``augment: [rot90]``: every image of an unshuffled epoch is its own turned by a multiple
+    of 90°, some by an odd one (no flip gives that); the suite's batches count as "local"."""
+    model = build_model(TINY_MODEL, tiny_federation(), 0)
+    budget = Budget()
+    c = make_client(model, augment=("rot90",), shuffle=False, budget=budget)
+    images = c.train_data.images
+    turned = torch.cat([x for x, _ in c.batches()])
+    quarter_turns = [
+        next(k for k in range(4) if torch.equal(x, torch.rot90(o, k, dims=(-2, -1))))
+        for x, o in zip(turned, images, strict=True)
+    ]
+    assert any(k % 2 for k in quarter_turns)
+    assert budget.samples == {"local": len(images)}
+
+
 def test_fp16_optimizers_carry_a_gradient_scaler_whose_scale_outlives_the_round():
     """``amp: fp16``: every optimizer a client hands out steps through a gradient scaler, and the
     scale it reached is kept in the client's state and restored next time (not 2¹⁶ again)."""
