@@ -23,10 +23,22 @@ def run(
     method: str | Method,
     seed: int = 0,
     model: ModelSpec = TINY_MODEL,
+    *,
+    mode: str = "final",
+    held_out: tuple[str, ...] | list[str] = (),
     **proto: Any,
 ) -> tuple[Federation, RunOutput]:
     m = get_method(method)() if isinstance(method, str) else method
-    fed = Federation(data, make_splits(data), m, model, fast_protocol(**proto), seed)
+    fed = Federation(
+        data,
+        make_splits(data),
+        m,
+        model,
+        fast_protocol(**proto),
+        seed,
+        mode=mode,
+        held_out=held_out,
+    )
     return fed, fed.run()
 
 

@@ -237,17 +237,7 @@ def test_unseen_sites_are_scored_only_in_a_final_run_that_holds_some_out():
     _, plain = run(data, "fedavg", rounds=1)
     assert "unseen_s" not in plain.info["timings"] and "held_out" not in plain.info
     assert set(plain.cases["split"]) == {"val", "test"} and "regime" not in plain.cases
-    fed = Federation(
-        data,
-        make_splits(data),
-        get_method("fedavg")(),
-        TINY_MODEL,
-        fast_protocol(rounds=1),
-        0,
-        mode="tune",
-        held_out=["site2"],
-    )
-    tune = fed.run()
+    _, tune = run(data, "fedavg", rounds=1, mode="tune", held_out=["site2"])
     assert tune.info["held_out"] == ["site2"] and "unseen_s" not in tune.info["timings"]
     assert set(tune.cases["split"]) == {"val"} and set(tune.cases["client"]) == {"site0", "site1"}
 
@@ -298,26 +288,15 @@ def test_holding_out_an_unknown_site_or_every_site_is_refused_by_name():
     dataset and its sites; holding out every site leaves no federation."""
     data = tiny_federation()
 
-    def federation(held):
-        return Federation(
-            data,
-            make_splits(data),
-            get_method("fedavg")(),
-            TINY_MODEL,
-            fast_protocol(),
-            0,
-            held_out=held,
-        )
-
     names = str(["site0", "site1", "site2"])
     with pytest.raises(ValueError) as err:
-        federation(["site1", "site9"])
+        run(data, "fedavg", held_out=["site1", "site9"])
     assert (
         str(err.value)
         == f"held-out sites ['site9'] are not sites of dataset {data.name!r} ({names})"
     )
     with pytest.raises(ValueError) as err:
-        federation(("site0", "site1", "site2"))
+        run(data, "fedavg", held_out=("site0", "site1", "site2"))
     assert str(err.value) == f"dataset {data.name!r}: holding out {names} leaves no site"
 
 
@@ -420,17 +399,7 @@ def test_a_newcomer_of_a_method_that_never_communicates_is_shown_no_messages():
             return super().newcomer_model(view, site)
 
     Silent.name = "local"
-    data = tiny_federation()
-    fed = Federation(
-        data,
-        make_splits(data),
-        Silent(),
-        TINY_MODEL,
-        fast_protocol(rounds=1),
-        0,
-        held_out=["site2"],
-    )
-    out = fed.run()
+    _, out = run(tiny_federation(), Silent(), rounds=1, held_out=["site2"])
     assert shown == [{}]
     assert set(out.cases.loc[out.cases["split"] == "unseen", "client"]) == {"site2"}
 
